@@ -21,7 +21,7 @@ __all__ = ['LAYOUT', 'TOP_LEVEL', 'MULTIPART_THRESHOLD', 'MULTIPART_CHUNK', 'SPL
            'UnsafeKeyError', 'check_key', 'join_key', 'safe_local_path', 'file_etag', 'bytes_etag', 'ObjectInfo',
            'Store', 'atomic_write_bytes', 'atomic_copy_file', 'LocalStore', 'aws_endpoint', 'boto_client',
            'transfer_config', 'parse_s3_uri', 'S3Store', 'open_store', 'temp_store', 'SyncReport', 'copy_object',
-           'sync', 'sync_up', 'sync_down', 'split_key', 'read_data_report', 'split_hashes', 'read_split']
+           'sync', 'sync_up', 'sync_down', 'split_key', 'read_data_report', 'split_hashes', 'read_split', 'save_figure']
 
 # %% ../nbs/01_storage.ipynb #c005
 LAYOUT = ("data/raw", "data/processed", "results/baseline", "results/transformer", "models/checkpoints",
@@ -362,8 +362,9 @@ def sync(src: Store, dst: Store, src_prefix: str = "", dst_prefix: str = "", pre
         n_src = len(src_prefix) + 1 if src_prefix else 0
         wanted = set()
         for skey, info in sorted(s_info.items()):
-            rel = skey[n_src:]
+            rel = check_key(skey[n_src:])  # refuse hostile keys before anything is copied
             dkey = join_key(dst_prefix, rel); wanted.add(dkey)
+            if isinstance(dst, LocalStore): dst.local_path(dkey)  # must land inside the destination folder
             if _same(info, d_info.get(dkey)): report.skipped.append(rel)
             else: plan.append((skey, dkey, rel, info.size))
         if delete: report.deleted += sorted(k for k in d_info if k not in wanted)
@@ -375,8 +376,11 @@ def sync(src: Store, dst: Store, src_prefix: str = "", dst_prefix: str = "", pre
                 done.append(rel); report.bytes_copied += size
         except Exception as e:
             left = [r for _, _, r, _ in plan if r not in done]
-            raise StoreError(f"sync {report.src} -> {report.dst} failed on {left[0]!r} after copying {len(done)} of "
-                             f"{len(plan)} objects ({len(left)} not synced; rerun to resume): {e}") from e
+            report.copied = done
+            err = StoreError(f"sync {report.src} -> {report.dst} failed on {left[0]!r} after copying {len(done)} of "
+                             f"{len(plan)} objects ({len(left)} not synced; rerun to resume): {e}")
+            err.report = report  # what *was* copied (and verified) before the failure
+            raise err from e
         report.copied = done
         for key in report.deleted: dst.delete(key)
     else:
@@ -420,3 +424,11 @@ def read_split(store: Store, split: str, report: Optional[dict] = None) -> pd.Da
         raise StoreError(f"{store.url(key)}: SHA-256 differs from {DATA_REPORT_KEY}; the split changed after the "
                          "data stage ran — rerun it")
     return pd.read_csv(io.BytesIO(data), keep_default_na=False, dtype={"text": str, "label": str})
+
+# %% ../nbs/01_storage.ipynb #c033
+def save_figure(store: Store, key: str, fig, dpi: int = 110) -> str:
+    "Render a matplotlib figure to PNG at `key` in `store`; returns the key."
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    store.write_bytes(key, buf.getvalue())
+    return key
