@@ -119,18 +119,14 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     add_config_options(q); q.set_defaults(func=cmd_config_show)
 
     wanted = next((a for a in argv if not a.startswith("-")), None)
-    registered = set()
+    if wanted in PLUGIN_COMMANDS:  # register the real commands of the module asked for, before any placeholder
+        module = PLUGIN_COMMANDS[wanted][0]
+        try: importlib.import_module(module).register_cli(sub)
+        except ModuleNotFoundError as e:
+            if e.name != module: raise
     for name, (module, help_text) in PLUGIN_COMMANDS.items():
-        if name == wanted and module not in registered:
-            try: mod = importlib.import_module(module)
-            except ModuleNotFoundError as e:
-                if e.name != module: raise
-                mod = None
-            if mod is not None and hasattr(mod, "register_cli"):
-                mod.register_cli(sub); registered.add(module); continue
         if name not in sub.choices:
-            sub.add_parser(name, help=help_text, add_help=False).set_defaults(
-                func=lambda a, n=name: _unavailable(n))
+            sub.add_parser(name, help=help_text, add_help=False).set_defaults(func=lambda a, n=name: _unavailable(n))
     return parser
 
 def _unavailable(name: str) -> int:
