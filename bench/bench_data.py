@@ -73,13 +73,17 @@ def main() -> None:
             results.append(r)
             print(f"synthesised {n:,} rows ({r['file_mb']:.0f} MB) in {gen:.1f}s; dropped {r['dropped']}", flush=True)
     t0, n0 = results[0]["seconds"], results[0]["rows"]
-    print(f"\n{'rows':>10} {'seconds':>8} {'rows/s':>10} {'peak RSS MB':>12} {'stage MB':>9} {'vs linear':>10}")
-    for r in results:
+    print(f"\n{'rows':>10} {'seconds':>8} {'rows/s':>10} {'peak RSS MB':>12} {'stage MB':>9} {'vs linear':>10} {'vs prev':>8}")
+    for i, r in enumerate(results):
         ratio = (r["seconds"] / t0) / (r["rows"] / n0)
+        prev = results[i - 1] if i else r
+        step = (r["seconds"] / prev["seconds"]) / (r["rows"] / prev["rows"])
         print(f"{r['rows']:>10,} {r['seconds']:>8.2f} {r['rows'] / r['seconds']:>10,.0f} {r['peak_rss_mb']:>12,.0f} "
-              f"{r['peak_rss_mb'] - r['base_rss_mb']:>9,.0f} {ratio:>10.2f}")
-    print(f"\nvs linear = (t_N / t_{n0:,}) / (N / {n0:,}); 1.00 = linear scaling from the {n0:,}-row run. "
-          f"Target: 1M rows < 30 s. CPUs: {os.cpu_count()}")
+              f"{r['peak_rss_mb'] - r['base_rss_mb']:>9,.0f} {ratio:>10.2f} {step:>8.2f}")
+    print(f"\nvs linear = (t_N / t_{n0:,}) / (N / {n0:,}): time against linear scaling from the {n0:,}-row run; "
+          "vs prev: the same against the previous size. 1.00 = linear, below 1 = fixed costs (imports, figures) "
+          f"amortised, above 1 = worse than linear. Target: 1M rows < 30 s. CPUs: {os.cpu_count()}, "
+          f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

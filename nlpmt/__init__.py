@@ -3,6 +3,7 @@
 Modules:
 
 - `nlpmt.aws`: Least-privilege IAM policies, an idempotent bucket and role bootstrap, an EC2 Deep Learning AMI running JupyterLab behind an SSH tunnel, instance prices, job costs and budgets, and `nlpmt doctor`: the checklist that says whether a project is ready to move from the laptop to the cloud.
+- `nlpmt.baseline`: Classical baselines every other model has to beat: TF-IDF features with logistic regression or a linear SVM, hyper-parameters chosen on the validation split only, the test split read and predicted once. Writes metrics, a summary table, confusion matrices and reloadable models to the store. This notebook is also the baseline *job*.
 - `nlpmt.cli`: The `nlpmt` console script. The core commands (`ls`, `sync`, `config`) live here; each stage module adds its own commands (`run`, `pipeline`, `jobs`, `predict`, `report`, `aws`, `cost`, `doctor`) through a `register_cli(subparsers)` function, imported only when its command is used so `nlpmt --help` stays fast.
 - `nlpmt.core`: Everything the stages share: where the project is, the four YAML configs loaded into typed, validated objects, and the provenance record (package version, git commit, config) stored with every result.
 - `nlpmt.data`: Reads a raw labelled-text file (CSV, JSON array or JSON Lines; local, in the store or on S3), validates every row, deduplicates, splits train/val/test stratified by class, proves that no text is in two splits, and writes the splits, a data report and figures to the store. This notebook is also the data *job*.

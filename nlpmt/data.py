@@ -21,14 +21,15 @@ from .storage import (DATA_REPORT_KEY, SPLITS, S3Store, Store, StoreError, open_
                            save_figure, split_key, temp_store)
 
 # %% auto #0
-__all__ = ['REASONS', 'PROBLEM_NAMES', 'FIGURE_KEYS', 'AG_NEWS_URL', 'AG_NEWS_LABELS', 'AG_NEWS_KEY', 'AG_NEWS_LAYOUT',
-           'DataError', 'where', 'is_store_key', 'read_source_bytes', 'detect_format', 'parse_csv_fast',
-           'parse_csv_exact', 'parse_csv', 'json_value_str', 'parse_jsonl', 'parse_json_array', 'parse_records',
-           'read_label_names', 'label_mapping', 'join_text', 'clean_rows', 'normalise_texts', 'word_counts',
-           'find_duplicates', 'check_fractions', 'split_sizes', 'stratified_split', 'check_leakage',
-           'plot_class_distribution', 'length_stats', 'plot_text_lengths', 'ag_news_layout', 'download_ag_news',
-           'ag_news_local_dir', 'ag_news_source', 'effective_data_config', 'resolve_inputs', 'problem_message',
-           'split_csv_bytes', 'data_hash', 'prepare_data', 'synthetic_corpus', 'demo_sample', 'prepare_demo_data']
+__all__ = ['REASONS', 'PROBLEM_NAMES', 'LENGTH_SAMPLE', 'FIGURE_KEYS', 'AG_NEWS_URL', 'AG_NEWS_LABELS', 'AG_NEWS_KEY',
+           'AG_NEWS_LAYOUT', 'DataError', 'where', 'is_store_key', 'read_source_bytes', 'detect_format',
+           'parse_csv_fast', 'parse_csv_exact', 'parse_csv', 'json_value_str', 'parse_jsonl', 'parse_json_array',
+           'parse_records', 'read_label_names', 'label_mapping', 'join_text', 'clean_rows', 'normalise_texts',
+           'word_counts', 'string_codes', 'find_duplicates', 'check_fractions', 'split_sizes', 'stratified_split',
+           'check_leakage', 'plot_class_distribution', 'length_stats', 'plot_text_lengths', 'ag_news_layout',
+           'download_ag_news', 'ag_news_local_dir', 'ag_news_source', 'effective_data_config', 'resolve_inputs',
+           'problem_message', 'split_csv_bytes', 'data_hash', 'prepare_data', 'synthetic_corpus', 'demo_sample',
+           'prepare_demo_data']
 
 # %% ../nbs/02_data.ipynb #c007
 class DataError(ValueError):
@@ -56,8 +57,8 @@ def where(fmt: str, n: int) -> str:
 
 # %% ../nbs/02_data.ipynb #c009
 def is_store_key(path: str) -> bool:
-    "True for a key inside the store (`data/...`) rather than a local path or URI."
-    return path.startswith("data/") and "://" not in path
+    "True for a raw-data key inside the store (`data/raw/...`, as `Config.resolve_path` treats it)."
+    return path.startswith("data/raw/")
 
 def read_source_bytes(path: str, store: Optional[Store] = None) -> bytes:
     "The bytes of a local file, a store key (`data/raw/...`) or an `s3://` URI, with clear errors."
@@ -79,7 +80,7 @@ def read_source_bytes(path: str, store: Optional[Store] = None) -> bytes:
         if p.is_dir(): raise DataError(f"{path}: is a folder, expected a data file")
         if not p.is_file(): raise DataError(f"{path}: raw data file not found")
         data = p.read_bytes()
-    if not data.strip(): raise DataError(f"{path}: file is empty")
+    if not data[: 1 << 16].strip() and not data.strip(): raise DataError(f"{path}: file is empty")
     return data
 
 def detect_format(path: str, data: bytes, raw_format: str = "auto") -> str:
@@ -87,8 +88,8 @@ def detect_format(path: str, data: bytes, raw_format: str = "auto") -> str:
     if raw_format != "auto": return raw_format
     name = str(path).lower()
     if name.endswith((".jsonl", ".ndjson")): return "jsonl"
-    if name.endswith((".csv", ".tsv")): return "csv"
-    first = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if name.endswith(".csv"): return "csv"
+    first = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if first == b"[": return "json"
     if first == b"{": return "jsonl"
     return "json" if name.endswith(".json") else "csv"
@@ -186,7 +187,7 @@ def json_value_str(value) -> Optional[str]:
     if isinstance(value, (int, float)): return repr(value)
     return json.dumps(value, ensure_ascii=False)
 
-def _json_record(obj, needed, where_: str):
+def _json_record(obj, needed: list[str]):
     "Problem, detail and field values of one JSON record."
     if not isinstance(obj, dict):
         return "malformed_json", f"expected a JSON object, got {type(obj).__name__}", [None] * len(needed)
@@ -206,7 +207,7 @@ def parse_jsonl(data: bytes, needed: list[str]) -> pd.DataFrame:
         except UnicodeDecodeError as e:
             problem, detail, values = "undecodable_bytes", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid UTF-8", [None] * len(needed)
         except json.JSONDecodeError as e: problem, detail, values = "malformed_json", f"{e.msg} (column {e.colno})", [None] * len(needed)
-        else: problem, detail, values = _json_record(obj, needed, f"line {n}")
+        else: problem, detail, values = _json_record(obj, needed)
         lines.append(n); problems.append(problem); details.append(detail)
         for c, v in zip(cols, values): c.append(v)
     return _records_frame(lines, problems, details, dict(zip(needed, cols)), "jsonl")
@@ -221,7 +222,7 @@ def parse_json_array(data: bytes, source: str, needed: list[str]) -> pd.DataFram
     if not isinstance(items, list): raise DataError(f"{source}: expected a JSON array of objects, got a {type(items).__name__}")
     lines, problems, details, cols = [], [], [], [[] for _ in needed]
     for n, obj in enumerate(items, 1):
-        problem, detail, values = _json_record(obj, needed, f"item {n}")
+        problem, detail, values = _json_record(obj, needed)
         lines.append(n); problems.append(problem); details.append(detail)
         for c, v in zip(cols, values): c.append(v)
     return _records_frame(lines, problems, details, dict(zip(needed, cols)), "json")
@@ -262,14 +263,14 @@ def label_mapping(raw_values, label_names: Optional[list[str]], base: int = 0) -
 
 def join_text(rows: pd.DataFrame, fields: list[str]) -> tuple[pd.Series, pd.Series]:
     "The joined, stripped text of each row, and whether any text field was present."
+    import pyarrow as pa, pyarrow.compute as pc
     present = pd.Series(False, index=rows.index)
     text = None
     for f in fields:
-        col = rows[f]
-        present |= col.notna()
-        part = col.fillna("").str.strip()
-        text = part if text is None else (text + " " + part).str.strip()
-    return text.astype("str"), present
+        present |= rows[f].notna()
+        part = pc.utf8_trim_whitespace(pc.fill_null(pa.array(pd.Series(rows[f], dtype="str")), "").cast(pa.large_string()))
+        text = part if text is None else pc.utf8_trim_whitespace(pc.binary_join_element_wise(text, part, pa.scalar(" ", pa.large_string())))
+    return pd.Series(text.to_pandas().array, index=rows.index, dtype="str"), present
 
 def clean_rows(rows: pd.DataFrame, cfg: DataConfig, label_names: Optional[list[str]]) -> tuple[pd.DataFrame, list[str]]:
     "Add `text` and `label` (name) columns and mark missing/empty text and missing/unknown labels."
@@ -307,19 +308,11 @@ def _utf8_buffers(texts) -> tuple:
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     return arr, offsets - offsets[0], data[offsets[0]: offsets[-1]]
 
-def _prefix_sums_at(mask: np.ndarray, positions: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
-    "`mask[:p].sum()` for each of the ascending `positions`, by a chunked cumulative sum (bounded memory)."
-    out = np.zeros(len(positions), dtype=np.int64)
-    carry, lo = 0, 0
-    for start in range(0, len(mask), chunk):
-        stop = min(start + chunk, len(mask))
-        cs = np.cumsum(mask[start:stop], dtype=np.int64)
-        hi = int(np.searchsorted(positions, stop, side="right"))
-        p = positions[lo:hi] - start
-        out[lo:hi] = carry + np.where(p > 0, cs[np.maximum(p - 1, 0)], 0)
-        carry += int(cs[-1]); lo = hi
-    out[lo:] = carry
-    return out
+def _prefix_sums_at(mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    "`mask[:p].sum()` for each of the ascending `positions`: binary search in the sparser side's positions."
+    if 2 * np.count_nonzero(mask) > len(mask):  # dense: count the False bytes instead
+        return positions - np.searchsorted(np.flatnonzero(~mask), positions)
+    return np.searchsorted(np.flatnonzero(mask), positions).astype(np.int64)
 
 def _segment_sums(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     "Sum of `mask` within each [offsets[i], offsets[i+1]) segment (empty segments give 0)."
@@ -329,16 +322,16 @@ def _segment_sums(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def normalise_texts(texts) -> pd.Series:
     "Comparison keys: NFKC, lower-cased, with all whitespace and ASCII punctuation removed."
     import pyarrow as pa, pyarrow.compute as pc, unicodedata
-    arr, offsets, data = _utf8_buffers(texts)
+    arr, _, _ = _utf8_buffers(texts)
     lower = pc.utf8_lower(arr)
-    non_ascii = _segment_sums(data >= 0x80, offsets) > 0
-    if non_ascii.any():  # NFKC + casefold in Python, only for the (usually few) texts that need it
-        fixed = [unicodedata.normalize("NFKC", t).casefold() for t in arr.filter(pa.array(non_ascii)).to_pylist()]
-        lower = pc.replace_with_mask(lower, pa.array(non_ascii), pa.array(fixed, pa.large_string()))
+    non_ascii = pc.invert(pc.string_is_ascii(arr))
+    if pc.any(non_ascii).as_py():  # NFKC + casefold in Python, only for the (usually few) texts that need it
+        fixed = [unicodedata.normalize("NFKC", t).casefold() for t in arr.filter(non_ascii).to_pylist()]
+        lower = pc.replace_with_mask(lower, non_ascii, pa.array(fixed, pa.large_string()))
     arr, offsets, data = _utf8_buffers(lower)
-    keep = ~_DROP_BYTES[data]
-    new_offsets = np.concatenate([[0], np.cumsum(_segment_sums(keep, offsets))]).astype(np.int64)
-    keys = pa.Array.from_buffers(pa.large_string(), len(arr), [None, pa.py_buffer(new_offsets), pa.py_buffer(data[keep])])
+    drop = _DROP_BYTES[data]
+    new_offsets = offsets - _prefix_sums_at(drop, offsets)
+    keys = pa.Array.from_buffers(pa.large_string(), len(arr), [None, pa.py_buffer(new_offsets), pa.py_buffer(data[~drop])])
     out = keys.to_pandas().astype("str")
     if isinstance(texts, pd.Series): out.index = texts.index
     return out
@@ -352,14 +345,30 @@ def word_counts(texts) -> np.ndarray:
     return _segment_sums(~space & prev_space, offsets)
 
 # %% ../nbs/02_data.ipynb #c023
-def find_duplicates(text: pd.Series, label: pd.Series, key: pd.Series) -> pd.Series:
+def string_codes(values) -> np.ndarray:
+    "Integer codes with equal codes exactly for equal strings (pyarrow's hash dictionary encoding)."
+    import pyarrow as pa, pyarrow.compute as pc
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(pd.Series(values, dtype="str"))
+    if isinstance(arr, pa.ChunkedArray): arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.large_string())
+    return pc.dictionary_encode(arr).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+def _repeats(codes: np.ndarray, among: np.ndarray) -> np.ndarray:
+    "True for rows in `among` whose code already occurred at an earlier row in `among`."
+    out = np.zeros(len(codes), dtype=bool)
+    out[among] = pd.Series(codes[among]).duplicated().to_numpy()
+    return out
+
+def find_duplicates(text: pd.Series, label: pd.Series, key: pd.Series, key_codes: Optional[np.ndarray] = None) -> pd.Series:
     "Per row: 'conflicting_labels', 'duplicate_exact', 'duplicate_normalised' or None (keep)."
-    pairs = pd.DataFrame({"key": key.to_numpy(), "label": label.to_numpy()}).drop_duplicates()
-    conflicting_keys = pairs.key[pairs.key.duplicated(keep=False)].unique()
-    conflict = key.isin(conflicting_keys).to_numpy()
-    exact = ~conflict & text.where(~conflict).duplicated().to_numpy()
-    norm = ~conflict & ~exact & key.where(~conflict & ~exact).duplicated().to_numpy()
-    out = np.full(len(text), None, dtype=object)
+    t, l = string_codes(text), string_codes(label)
+    k = string_codes(key) if key_codes is None else key_codes
+    pair = k * (int(l.max(initial=0)) + 1) + l
+    first_pair = ~pd.Series(pair).duplicated().to_numpy()
+    labels_per_key = np.bincount(k[first_pair], minlength=int(k.max(initial=-1)) + 1)
+    conflict = labels_per_key[k] > 1
+    exact = _repeats(t, np.flatnonzero(~conflict))
+    norm = _repeats(k, np.flatnonzero(~conflict & ~exact))
+    out = np.full(len(t), None, dtype=object)
     out[conflict], out[exact], out[norm] = "conflicting_labels", "duplicate_exact", "duplicate_normalised"
     return pd.Series(out, index=text.index)
 
@@ -390,15 +399,21 @@ def stratified_split(codes: np.ndarray, n_classes: int, val_frac: float, test_fr
     return np.where(rank < n_test, 2, np.where(rank < n_test + n_val, 1, 0)).astype(np.int8)
 
 # %% ../nbs/02_data.ipynb #c029
-def check_leakage(texts_by_split: dict[str, pd.Series]) -> dict:
+def check_leakage(texts_by_split: dict[str, pd.Series], codes_by_split: Optional[dict[str, np.ndarray]] = None) -> dict:
     "Count normalised texts shared between splits: {'checked', 'overlapping_texts', 'pairs'}."
-    keys = {s: pd.Index(normalise_texts(t).unique()) for s, t in texts_by_split.items()}
-    names, pairs = list(keys), {}
-    for i, a in enumerate(names):
-        for b in names[i + 1:]: pairs[f"{a}/{b}"] = int(len(keys[a].intersection(keys[b])))
+    names = list(texts_by_split)
+    if codes_by_split is None:  # normalise and encode all splits together, so equal keys get equal codes
+        keys = [normalise_texts(texts_by_split[s]) for s in names]
+        codes = string_codes(pd.concat(keys, ignore_index=True)) if keys else np.zeros(0, np.int64)
+        bounds = np.cumsum([0] + [len(k) for k in keys])
+        codes_by_split = {s: codes[bounds[i]:bounds[i + 1]] for i, s in enumerate(names)}
+    n = int(max((c.max(initial=-1) for c in codes_by_split.values()), default=-1)) + 1
+    seen = {s: np.bincount(np.asarray(c, dtype=np.int64), minlength=n) > 0 for s, c in codes_by_split.items()}
+    pairs = {f"{a}/{b}": int((seen[a] & seen[b]).sum()) for i, a in enumerate(names) for b in names[i + 1:]}
     return {"checked": True, "overlapping_texts": int(sum(pairs.values())), "pairs": pairs}
 
 # %% ../nbs/02_data.ipynb #c032
+LENGTH_SAMPLE = 200_000  # text-length statistics and figure use at most this many rows (a seeded sample)
 FIGURE_KEYS = {"class_distribution": "figures/data/class_distribution.png",
                "text_length": "figures/data/text_length_by_class.png"}
 
@@ -426,16 +441,16 @@ def plot_class_distribution(report: dict):
     ax_p.set_title("Class share within each split (stratified: equal across splits)")
     return fig
 
-def length_stats(words: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
-    "Per class: mean, median, 95th percentile and max words."
+def length_stats(words: np.ndarray, codes: np.ndarray, label_names: list[str]) -> dict:
+    "Per class (`codes` index `label_names`): mean, median, 95th percentile and max words."
     out = {}
-    for name in label_names:
-        w = words[labels == name]
+    for c, name in enumerate(label_names):
+        w = words[codes == c]
         if len(w): out[name] = {"mean": round(float(w.mean()), 1), "p50": float(np.percentile(w, 50)),
                                 "p95": float(np.percentile(w, 95)), "max": int(w.max())}
     return out
 
-def plot_text_lengths(words: np.ndarray, labels: np.ndarray, label_names: list[str]):
+def plot_text_lengths(words: np.ndarray, codes: np.ndarray, label_names: list[str]):
     "Text length (words) per class: overlaid histograms and a box plot."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(11, max(3.5, 0.45 * len(label_names) + 1.5)))
@@ -443,7 +458,7 @@ def plot_text_lengths(words: np.ndarray, labels: np.ndarray, label_names: list[s
     hi = max(1, int(np.percentile(words, 99))) if len(words) else 1
     step = max(1, int(np.ceil(hi / 50)))
     bins = np.arange(0, hi + step + 1, step) - 0.5  # whole-word bins: no aliasing of integer counts
-    per_class = [words[labels == n] for n in label_names]
+    per_class = [words[codes == c] for c in range(len(label_names))]
     for name, w in zip(label_names, per_class):
         ax_hist.hist(np.minimum(w, hi), bins=bins, histtype="step", linewidth=1.5, density=True,
                      label=f"{name} (median {np.median(w):.0f})")
@@ -523,6 +538,7 @@ def ag_news_local_dir() -> Optional[Path]:
 def ag_news_source(split: str, store: Store, base_url: Optional[str] = None, progress: bool = True,
                    download: bool = True) -> tuple[str, str]:
     "Path (or store key) of AG News `split` and of its classes.txt: local copy, store copy, or a fresh download."
+    if split not in ("train", "test"): raise DataError(f"ag_news://{split}: AG News has the splits train and test")
     local = ag_news_local_dir()
     if local is not None and (local/f"{split}.csv").is_file():
         classes = local/"classes.txt"
@@ -633,7 +649,7 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
     cfg, base, full = effective_data_config(config, **params)
     store = open_store(store, full)
     steps = tqdm(total=7, desc="data", unit="step", disable=not progress)
-    def step(name): steps.set_postfix_str(name); steps.update(1)
+    def step(name): steps.update(1); steps.set_postfix_str(f"{name} done")
     try:
         cfg = resolve_inputs(cfg, base, store, ag_news_url, progress)
         source = cfg.raw_path
@@ -642,30 +658,42 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
         label_names = cfg.label_names or (read_label_names(cfg.label_names_file, store) if cfg.label_names_file else None)
         step("read")
         rows = parse_records(data, fmt, source, cfg)
+        source_sha, n_bytes = sha256_bytes(data), len(data)
+        del data  # the raw bytes are not needed any more (memory for large files)
         if not len(rows): raise DataError(f"{source}: no records found")
         step("parse")
         rows, labels = clean_rows(rows, cfg, label_names)
         if cfg.strict and rows.problem.notna().any(): raise _first_problem_error(rows, source, fmt, cfg, labels)
-        valid = rows[rows.problem.isna()]
+        rows = rows[["line", "problem", "detail", "raw_label", "text", "label"]]
+        valid_pos = np.flatnonzero(rows.problem.isna().to_numpy())
+        valid = rows[["line", "text", "label"]]
+        if len(valid_pos) < len(rows): valid = valid.iloc[valid_pos]
         if not len(valid):
             counts = rows.problem.value_counts().to_dict()
             raise DataError(f"{source}: no usable rows: all {len(rows)} records are bad ({counts})")
         key = normalise_texts(valid.text)
-        dup = find_duplicates(valid.text, valid.label, key)
+        key_codes = string_codes(key)
+        dup = find_duplicates(valid.text, valid.label, key, key_codes)
         if cfg.strict and (dup == "conflicting_labels").any():
             c = valid[(dup == "conflicting_labels").to_numpy()]
             first = c.iloc[0]; other = c[(key[c.index] == key[first.name]).to_numpy() & (c.label != first.label).to_numpy()].iloc[0]
             raise DataError(f"{source}: {where(fmt, int(first.line))} and {where(fmt, int(other.line))}: the same text has "
                             f"different labels ({first.label!r} vs {other.label!r}): {first.text[:80]!r}")
-        rows.loc[dup.index[dup.notna()], "problem"] = dup[dup.notna()]
-        kept = valid[dup.isna().to_numpy()]
+        is_dup = dup.notna().to_numpy()
+        problem = rows.problem.to_numpy(copy=True)
+        problem[valid_pos[is_dup]] = dup.to_numpy()[is_dup]
+        rows["problem"] = problem
         step("validate")
-        kept, labels, n_small = _drop_class_rows(kept, labels, cfg, source)
-        codes = pd.Categorical(kept.label, categories=labels).codes
+        keep = ~is_dup
+        kept, labels, n_small = _drop_class_rows(valid.iloc[np.flatnonzero(keep)] if is_dup.any() else valid, labels, cfg, source)
+        if n_small: keep &= valid.label.isin(labels).to_numpy()
+        kept_codes = key_codes[keep]
+        codes = pd.Categorical(kept.label, categories=labels).codes.astype(np.int64)
         split_of = stratified_split(codes, len(labels), cfg.val_frac, cfg.test_frac, cfg.seed)
-        frames = {s: kept.loc[split_of == i, ["text", "label"]] for i, s in enumerate(SPLITS)}
+        where_split = {s: np.flatnonzero(split_of == i) for i, s in enumerate(SPLITS)}
+        frames = {s: kept.iloc[pos][["text", "label"]] for s, pos in where_split.items()}
         step("split")
-        leakage = check_leakage({s: f.text for s, f in frames.items()})
+        leakage = check_leakage({s: f.text for s, f in frames.items()}, {s: kept_codes[pos] for s, pos in where_split.items()})
         if leakage["overlapping_texts"]:
             raise DataError(f"{source}: leakage check failed: {leakage['pairs']} normalised texts appear in two splits")
         step("leakage check")
@@ -675,18 +703,19 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
         blobs = {s: split_csv_bytes(f) for s, f in frames.items()}
         shas = {s: sha256_bytes(b) for s, b in blobs.items()}
         K = len(labels)
-        words = word_counts(kept.text)
+        sample = np.sort(np.random.default_rng(cfg.seed).permutation(len(kept))[:LENGTH_SAMPLE])  # lengths: a sample is plenty
+        words, sample_codes = word_counts(kept.text.iloc[sample]), codes[sample]
         report = {
             "labels": labels, "n_classes": K,
-            "source": {"path": source, "format": fmt, "sha256": sha256_bytes(data),
+            "source": {"path": source, "format": fmt, "sha256": source_sha, "bytes": n_bytes,
                        "label_names_file": cfg.label_names_file if not cfg.label_names else None},
             "rows_read": int(len(rows)), "rows_kept": int(len(kept)), "dropped": dropped,
             "splits": {s: {"key": split_key(s, K), "rows": int(len(frames[s])), "sha256": shas[s],
-                           "class_counts": {l: int(n) for l, n in frames[s].label.value_counts().reindex(labels, fill_value=0).items()}}
+                           "class_counts": dict(zip(labels, np.bincount(codes[where_split[s]], minlength=K).tolist()))}
                        for s in SPLITS},
             "data_hash": data_hash(shas),
             "leakage": leakage,
-            "text_length_words": length_stats(words, kept.label.to_numpy(), labels),
+            "text_length_words": {"per_class": length_stats(words, sample_codes, labels), "rows_measured": int(len(sample))},
             "normalisation": "NFKC, lower-case, whitespace and ASCII punctuation removed",
             "figures": dict(FIGURE_KEYS),
             "config": {**asdict(cfg), "label_names": labels},
@@ -694,11 +723,12 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
         }
         assert report["rows_read"] == report["rows_kept"] + sum(dropped.values()), "row accounting is off"
         figures = {"class_distribution": plot_class_distribution(report),
-                   "text_length": plot_text_lengths(words, kept.label.to_numpy(), labels)}
+                   "text_length": plot_text_lengths(words, sample_codes, labels)}
         step("render")
         for name, fig in figures.items(): save_figure(store, FIGURE_KEYS[name], fig)
         for s in SPLITS: store.write_bytes(split_key(s, K), blobs[s])
         store.write_json(DATA_REPORT_KEY, report)
+        step("write")
     finally: steps.close()
     return report
 

@@ -10,7 +10,7 @@ Docs: https://nlpmt.github.io/nlpmt/jobs.html.md"""
 
 # %% ../nbs/06_jobs.ipynb #c004
 from __future__ import annotations
-import argparse, json, os, re, shutil, signal, subprocess, sys, tempfile, threading, time, uuid
+import argparse, dataclasses, json, os, re, shutil, signal, subprocess, sys, tempfile, threading, time, uuid
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -22,13 +22,13 @@ from .runner import (STAGES, ParameterError, stage_notebook, stage_name, noteboo
 # %% auto #0
 __all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'BUNDLE_SKIP', 'JOB_SCRIPT', 'TERMINAL', 'LOG_GROUPS', 'PIPELINE',
            'job_base_name', 'job_name', 'JobSpec', 'resolve_store_uri', 'model_parameter', 'plan_jobs', 'as_string',
-           'param_args', 'config_env', 'JobResult', 'checkpoint_prefix', 'local_job_env', 'prepare_local_job',
-           'run_local', 'JobInterrupted', 'project_root_or_cwd', 'visible_gpus', 'run_local_many',
+           'param_args', 'config_env', 'JobResult', 'checkpoint_prefix', 'local_job_env', 'local_checkpoint_dir',
+           'prepare_local_job', 'run_local', 'JobInterrupted', 'project_root_or_cwd', 'visible_gpus', 'run_local_many',
            'bundle_requirements', 'make_bundle', 'bundle_stage_arg', 'SubmittedJob', 'sagemaker_session', 'image_uri',
-           'job_tags', 'job_environment', 'submit_sagemaker', 'JobStatus', 'sagemaker_client', 'describe_job',
-           'job_cost_info', 'list_jobs', 'stop_job', 'log_events', 'wait_for_job', 'format_table', 'results_table',
-           'print_summary', 'pipeline_stages', 'run_pipeline', 'run_sagemaker_many', 'cmd_run', 'cmd_pipeline',
-           'cmd_jobs_list', 'cmd_jobs_status', 'cmd_jobs_logs', 'cmd_jobs_stop', 'register_cli']
+           'job_tags', 'job_environment', 'check_cloud_job', 'submit_sagemaker', 'JobStatus', 'sagemaker_client',
+           'describe_job', 'job_cost_info', 'list_jobs', 'stop_job', 'log_events', 'wait_for_job', 'format_table',
+           'results_table', 'print_summary', 'pipeline_stages', 'run_pipeline', 'run_sagemaker_many', 'cmd_run',
+           'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status', 'cmd_jobs_logs', 'cmd_jobs_stop', 'register_cli']
 
 # %% ../nbs/06_jobs.ipynb #c006
 _issued_tokens: set[str] = set()
@@ -183,8 +183,15 @@ def local_job_env(spec: JobSpec, root: Path, channels: dict[str, Path], gpu: Opt
                     "SM_NUM_GPUS": str(len(gpu.split(",")) if gpu else len(visible_gpus(env)))})
         env.update({f"SM_CHANNEL_{c.upper()}": str(p) for c, p in channels.items()})
         env.update({f"SM_HP_{k.upper()}": v for k, v in hps.items()})
+    ckpt = local_checkpoint_dir(spec)
+    if ckpt: env["NLPMT_CHECKPOINT_DIR"] = str(ckpt)
     if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = gpu
     return env
+
+def local_checkpoint_dir(spec: JobSpec) -> Optional[Path]:
+    "For a local store, its `models/checkpoints` folder (checkpoints persist there, so a rerun resumes); else None."
+    store = open_store(spec.store)
+    return store.local_path("models/checkpoints") if isinstance(store, LocalStore) else None
 
 def prepare_local_job(spec: JobSpec, root: Path, gpu: Optional[str] = None) -> tuple[list[str], dict]:
     "Lay out `root` like `/opt/ml` for `spec`; return the runner command and its environment."
@@ -198,7 +205,7 @@ def prepare_local_job(spec: JobSpec, root: Path, gpu: Optional[str] = None) -> t
         (root/"input/config/hyperparameters.json").write_text(json.dumps({k: as_string(v) for k, v in spec.params.items()}))
         (root/"input/config/resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
         channels = _link_channels(store, root/"input"/"data")
-        if store.list(checkpoint_prefix(spec)):
+        if local_checkpoint_dir(spec) is None and store.list(checkpoint_prefix(spec)):
             store.download_dir(checkpoint_prefix(spec), root/"checkpoints", progress=False)
     else:
         cmd += param_args(spec.params)
@@ -229,6 +236,7 @@ def run_local(spec: JobSpec, gpu: Optional[str] = None, prefix: str = "", out=No
               grace_seconds: float = 150.0) -> JobResult:
     "Run one job with the local backend (a runner subprocess over a temporary `/opt/ml`); returns its result."
     out = out or sys.stdout
+    if spec.kind == "training": spec = dataclasses.replace(spec, job_name=f"{spec.job_name}-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}")
     root = Path(tempfile.mkdtemp(prefix=f"nlpmt-job-{spec.name}-"))
     store = open_store(spec.store)
     start = time.time()
@@ -260,7 +268,7 @@ def run_local(spec: JobSpec, gpu: Optional[str] = None, prefix: str = "", out=No
     status = "Completed" if rc == 0 else ("Stopped" if rc in (143, -15) or interrupted else "Failed")
     if status != "Completed" and not failure: failure = f"runner exited with code {rc} (see {spec.name}.log)"
     try:
-        if spec.kind == "training" and any((root/"checkpoints").rglob("*")):
+        if spec.kind == "training" and local_checkpoint_dir(spec) is None and any((root/"checkpoints").rglob("*")):
             store.upload_dir(root/"checkpoints", checkpoint_prefix(spec), progress=False)
         store.upload_file(log_path, f"results/notebooks/{spec.run_id}/{spec.name}.log")
     except Exception as e: print(f"{prefix}nlpmt: could not save the job's log/checkpoints to the store: {e}", file=out)
@@ -422,12 +430,27 @@ def _role(config, role: Optional[str]) -> str:
                                    "configs/project.yaml (`nlpmt aws bootstrap` writes it)")
     return role
 
-def submit_sagemaker(spec: JobSpec, config, instance_type: Optional[str] = None, spot: Optional[bool] = None,
-                     role: Optional[str] = None, boto_session=None) -> SubmittedJob:
-    "Create the SageMaker Training or Processing job for `spec` (returns at once; see `wait_for_job`)."
+def check_cloud_job(spec: JobSpec, config) -> None:
+    "Refuse, with what to do instead, a job a SageMaker container could not run: a local store or local input files."
     if not spec.store.startswith("s3://"):
         raise ConfigError(f"the SageMaker backend needs an s3:// store, got {spec.store!r}: pass --store s3://bucket/prefix "
                           "or set project.store (copy local results up with `nlpmt sync up`)")
+    if stage_name(spec.notebook) == "data":
+        for field_ in ("raw_path", "label_names_file"):
+            path = spec.params.get(field_) or getattr(config.data, field_) or ""
+            if path and "://" not in path and not path.startswith("data/"):
+                raise ConfigError(f"data.{field_} {path!r} is a file on this machine, which a SageMaker job cannot read: "
+                                  f"copy it into the store under data/raw/ (e.g. `nlpmt sync up {spec.store}`) and pass "
+                                  f"-p {field_} data/raw/NAME, or use -p raw_path ag_news://test")
+
+def _cloud_params(spec: JobSpec) -> dict:
+    "The job's parameters for a container: a local `config_dir` is dropped (the bundle carries those configs)."
+    return {k: v for k, v in spec.params.items() if not (k == "config_dir" and v and os.path.isabs(str(v)))}
+
+def submit_sagemaker(spec: JobSpec, config, instance_type: Optional[str] = None, spot: Optional[bool] = None,
+                     role: Optional[str] = None, boto_session=None) -> SubmittedJob:
+    "Create the SageMaker Training or Processing job for `spec` (returns at once; see `wait_for_job`)."
+    check_cloud_job(spec, config)
     store = open_store(spec.store)
     role = _role(config, role)
     session = sagemaker_session(store, config, boto_session)
@@ -470,7 +493,7 @@ def _submit_training(spec, config, session, bundle, args, itype, spot, role, sto
         stopping_condition=stopping,
         output_data_config=OutputDataConfig(s3_output_path=store.url("models/output")),
         checkpoint_config=CheckpointConfig(s3_uri=store.url(checkpoint_prefix(spec)), local_path="/opt/ml/checkpoints"),
-        hyperparameters={k: as_string(v) for k, v in spec.params.items()},
+        hyperparameters={k: as_string(v) for k, v in _cloud_params(spec).items()},
         environment=job_environment(spec),
         tags=[Tag(key=t["Key"], value=t["Value"]) for t in job_tags(spec, config)],
         input_data_config=_training_channels(store))
@@ -489,7 +512,7 @@ def _submit_processing(spec, config, session, bundle, args, itype, role) -> str:
                      sagemaker_session=session, env=job_environment(spec), tags=job_tags(spec, config))
     code = ProcessingInput(input_name="code", s3_input=ProcessingS3Input(
         s3_uri=str(bundle), local_path=code_dir, s3_data_type="S3Prefix", s3_input_mode="File"))
-    proc.run(inputs=[code], arguments=args + param_args(spec.params), wait=False, logs=False, job_name=spec.job_name)
+    proc.run(inputs=[code], arguments=args + param_args(_cloud_params(spec)), wait=False, logs=False, job_name=spec.job_name)
     return proc.latest_job.processing_job_name
 
 # %% ../nbs/06_jobs.ipynb #c029
@@ -666,7 +689,7 @@ def results_table(store: Store) -> list[dict]:
         except StoreError: continue
         try: rows.append({"model": rec["model"], "stage": rec["stage"], "val_macro_f1": rec["validation"]["macro_f1"],
                           "test_macro_f1": rec["test"]["macro_f1"], "test_accuracy": rec["test"]["accuracy"],
-                          "fit_s": round(float(rec.get("fit_seconds") or 0), 1), "file": key})
+                          "fit_s": f"{float(rec.get('fit_seconds') or 0):.1f}", "file": key})
         except (KeyError, TypeError): rows.append({"model": key, "stage": "?", "file": key})
     return sorted(rows, key=lambda r: -(r.get("val_macro_f1") or -1))
 
@@ -720,6 +743,9 @@ def run_pipeline(store: Optional[str] = None, backend: str = "local", config=Non
     run_id = run_id or new_run_id()
     plans = {s: plan_jobs(s, per_stage[s], store, config, models=models if s == "transformer" else None, run_id=run_id,
                           overrides=overrides, config_dir=config_dir) for s in stages}   # every check before any job
+    if backend != "local":
+        for s in stages:
+            for spec in plans[s]: check_cloud_job(spec, config)
     results = []
     print(f"nlpmt: pipeline run {run_id}: {' -> '.join(stages)} ({backend} backend) into {plans[stages[0]][0].store}", file=out)
     for s in stages:
@@ -738,7 +764,8 @@ def run_sagemaker_many(specs: list[JobSpec], config, out=None, poll: float = 30.
     results = []
     for sj, spec in zip(submitted, specs):
         start = time.time()
-        st = wait_for_job(sj.job_name, client or sagemaker_client(submit_kw.get("boto_session")), poll=poll, logs=logs, out=out)
+        st = wait_for_job(sj.job_name, client or sagemaker_client(submit_kw.get("boto_session"), config.project.region),
+                          poll=poll, logs=logs, out=out)
         results.append(JobResult(spec.name, sj.job_name, stage_name(spec.notebook), st.status, st.failure_reason,
                                  st.run_seconds or time.time() - start, sj.notebook_url, 0 if st.status == "Completed" else 1,
                                  "sagemaker"))
@@ -776,6 +803,7 @@ def cmd_run(args) -> int:
         except JobInterrupted as e: print_summary(e.results, specs[0].store); return 130
         print_summary(results, specs[0].store)
         return 0 if all(r.status == "Completed" for r in results) else 1
+    for s in specs: check_cloud_job(s, config)
     if not args.wait:
         for s in specs:
             sj = submit_sagemaker(s, config, **_sagemaker_kw(args))
@@ -800,18 +828,24 @@ def cmd_pipeline(args) -> int:
     print_summary(results, resolve_store_uri(args.store, config))
     return 0 if results and all(r.status == "Completed" for r in results) else 1
 
+def _client(args):
+    "A SageMaker client in the configured region."
+    from nlpmt.cli import config_from_args
+    return sagemaker_client(region=config_from_args(args).project.region)
+
 def cmd_jobs_list(args) -> int:
     "List recent SageMaker jobs of this project."
     from nlpmt.cli import config_from_args
-    name = "" if args.all else config_from_args(args).project.name
+    config = config_from_args(args)
+    name = "" if args.all else config.project.name
     rows = [{**r, "created": r["created"].strftime("%Y-%m-%d %H:%M") if r["created"] else ""}
-            for r in list_jobs(name_contains=name, limit=args.limit)]
+            for r in list_jobs(sagemaker_client(region=config.project.region), name_contains=name, limit=args.limit)]
     print(format_table(rows, ["name", "kind", "status", "created"]))
     return 0
 
 def cmd_jobs_status(args) -> int:
     "Show one job: status, failure reason, time, cost, spot savings."
-    st = describe_job(args.name)
+    st = describe_job(args.name, _client(args))
     cost = job_cost_info(st)
     lines = [f"job:              {st.job_name} ({st.kind})", f"status:           {st.status}"
              + (f" / {st.secondary_status}" if st.secondary_status else "")]
@@ -829,19 +863,23 @@ def cmd_jobs_status(args) -> int:
 
 def cmd_jobs_logs(args) -> int:
     "Print a job's CloudWatch logs; with --follow keep printing until it ends."
-    st = describe_job(args.name)
+    from nlpmt.cli import config_from_args
+    from nlpmt.storage import boto_client
+    client, region = _client(args), config_from_args(args).project.region
+    logs = boto_client("logs", region)
+    st = describe_job(args.name, client)
     tokens, printed = {}, 0
     while True:
-        for _, _, msg in log_events(args.name, st.kind, tokens=tokens): print(msg, flush=True); printed += 1
+        for _, _, msg in log_events(args.name, st.kind, logs, tokens): print(msg, flush=True); printed += 1
         if not args.follow or st.status in TERMINAL: break
         time.sleep(args.poll)
-        st = describe_job(args.name)
+        st = describe_job(args.name, client)
     if not printed and not args.follow: print(f"no log events yet for {args.name} in {LOG_GROUPS[st.kind]}", file=sys.stderr)
     return 0
 
 def cmd_jobs_stop(args) -> int:
     "Stop a running job."
-    st = stop_job(args.name)
+    st = stop_job(args.name, _client(args))
     print(f"{args.name}: {st.status}" + ("" if st.status in TERMINAL else
           " (SIGTERM sent; the stage has 120 s to save a checkpoint)"))
     return 0

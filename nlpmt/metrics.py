@@ -227,18 +227,19 @@ def summary_row(rec: dict) -> dict:
 def plot_confusion(rec: dict, split: str = "test", normalize: bool = True):
     "A labelled confusion-matrix figure (row-normalised colours, counts and shares in the cells) of a record."
     import numpy as np
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
     labels, cm = rec["labels"], np.asarray(rec[split]["confusion_matrix"], dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     colours = share if normalize else cm
     k = len(labels)
     size = max(4.0, 0.9 * k + 2.0)
-    fig = Figure(figsize=(size + 1.2, size))
-    ax = fig.add_subplot()
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    plt.close(fig)  # not left open in pyplot's list: shown only when displayed or returned
     im = ax.imshow(colours, cmap="Blues", vmin=0, vmax=1 if normalize else max(colours.max(), 1))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class" if normalize else "count")
-    ax.set_xticks(range(k), labels=labels, rotation=45 if max(map(len, labels)) > 6 else 0, ha="right" if max(map(len, labels)) > 6 else "center")
+    long_names = max(map(len, labels)) > 6
+    ax.set_xticks(range(k), labels=labels, rotation=45 if long_names else 0, ha="right" if long_names else "center")
     ax.set_yticks(range(k), labels=labels)
     ax.set_xlabel("predicted label"); ax.set_ylabel("true label")
     for i in range(k):

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 # %% auto #0
-__all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITIONS', 'JobFolders', 'ParameterError',
-           'notebooks_dir', 'stage_notebook', 'stage_name', 'NotebookParameter', 'notebook_parameters',
-           'describe_parameters', 'coerce_value', 'check_parameters', 'check_injected_cell', 'metric_line',
-           'log_metrics', 'JobTerminated', 'termination_requested', 'on_termination', 'describe_cell', 'NotebookResult',
-           'NotebookJob', 'new_run_id', 'notebook_key', 'job_name_from_env', 'read_hyperparameters', 'write_failure',
-           'run_job', 'parse_args', 'main']
+__all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITIONS', 'SAVE_EVERY', 'JobFolders',
+           'ParameterError', 'notebooks_dir', 'stage_notebook', 'stage_name', 'NotebookParameter',
+           'notebook_parameters', 'describe_parameters', 'coerce_value', 'check_parameters', 'check_injected_cell',
+           'metric_line', 'log_metrics', 'JobTerminated', 'termination_requested', 'on_termination', 'describe_cell',
+           'NotebookResult', 'NotebookJob', 'new_run_id', 'notebook_key', 'job_name_from_env', 'read_hyperparameters',
+           'write_failure', 'run_job', 'parse_args', 'main']
 
 # %% ../nbs/06a_runner.ipynb #c006
 OPT_ML = "/opt/ml"
@@ -290,15 +290,20 @@ def on_termination(callback: Optional[Callable[[], Any]] = None, stop: bool = Tr
 
 # %% ../nbs/06a_runner.ipynb #c025
 class _CellMarkers(logging.Filter):
-    "Turn papermill's 'Executing Cell N---' lines into 'cell N/M' and drop its other messages (output is streamed separately)."
-    total = 0
+    "Turn papermill's 'Executing Cell N---' lines into 'code cell K/M' (numbered as failures name them); drop the rest."
+    labels: dict = {}
     def filter(self, record):
         m = re.match(r"Executing Cell (\d+)", record.getMessage())
-        if not m: return False
-        record.msg, record.args = f"cell {m.group(1)}/{self.total}", ()
+        if not m or int(m.group(1)) not in self.labels: return False
+        record.msg, record.args = self.labels[int(m.group(1))], ()
         return True
 
-def _log_cell_markers(stream, total: int) -> None:
+def _code_cell_labels(nb) -> dict[int, str]:
+    "1-based cell number -> 'code cell K/M' for the code cells a person wrote (not papermill's injected cell)."
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+    return {i + 1: f"code cell {k}/{len(code)}" for k, i in enumerate(code, 1)}
+
+def _log_cell_markers(stream, labels: dict) -> None:
     "Route papermill's cell markers to `stream` (one handler, updated per notebook)."
     log = logging.getLogger("papermill")
     handler = next((h for h in log.handlers if getattr(h, "_nlpmt", False)), None)
@@ -307,13 +312,42 @@ def _log_cell_markers(stream, total: int) -> None:
         handler.setFormatter(logging.Formatter("nlpmt-runner: %(message)s")); handler.addFilter(_CellMarkers())
         log.addHandler(handler); log.setLevel(logging.INFO); log.propagate = False
     handler.setStream(stream)
-    for f in handler.filters: f.total = total
+    for f in handler.filters: f.labels = labels
 
 def _skip_slow_imports() -> None:
     "Keep jsonschema (imported by nbformat) from building an RFC 3987 grammar we never use: ~2 s per job here."
     # jsonschema imports `rfc3987_syntax` only to validate the "iri" string formats, and skips it when the import
     # fails; notebook validation never uses those formats. Blocking it saves about two seconds of every job's start.
     if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
+
+SAVE_EVERY = 3.0   # seconds between saves of the executed notebook while it runs (it is always saved at the end)
+
+def _papermill_engine() -> str:
+    "Register (once) the papermill engine that saves the running notebook at most every `SAVE_EVERY` seconds."
+    from papermill.engines import papermill_engines, NBClientEngine, NotebookExecutionManager
+    if "nlpmt" in papermill_engines._engines: return "nlpmt"
+    class ThrottledSaves(NotebookExecutionManager):
+        "papermill saves at the start and end of every cell (~17 ms each for a 60-cell notebook); a few seconds apart is enough."
+        final = False
+        def save(self, **kwargs):
+            if self.final or (self.now() - self.last_save_time).total_seconds() >= SAVE_EVERY: super().save(**kwargs)
+        def notebook_complete(self, **kwargs):
+            self.final = True
+            super().notebook_complete(**kwargs)
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False,
+                             autosave_cell_every=30, **kwargs):
+            nb_man = ThrottledSaves(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                                    autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try: cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+    papermill_engines.register("nlpmt", Engine)
+    return "nlpmt"
 
 def _first_line(source: str, width: int = 70) -> str:
     "The first non-empty line of a cell that is not a `#|` directive, shortened."
@@ -379,31 +413,44 @@ class NotebookJob:
             try: os.kill(pid, signal.SIGKILL if again else signal.SIGTERM)
             except ProcessLookupError: pass
 
-    def _kernel_manager_class(self):
-        "A kernel manager class that hands its instance to this job (papermill still owns and shuts down the kernel)."
+    def start_kernel(self) -> None:
+        "Start the notebook's kernel now, so it boots while papermill loads (about a second saved per job)."
+        if self.km is not None: return
         from jupyter_client.manager import AsyncKernelManager
-        job = self
-        class TrackedKernelManager(AsyncKernelManager):
-            def __init__(self, *args, **kwargs): super().__init__(*args, **kwargs); job.km = self
-        return TrackedKernelManager
+        from jupyter_core.utils import run_sync
+        meta = json.loads(self.notebook.read_text(encoding="utf-8")).get("metadata", {})
+        self.km = AsyncKernelManager(kernel_name=meta.get("kernelspec", {}).get("name") or "python3")
+        run_sync(self.km.start_kernel)(cwd=str(self.cwd), extra_arguments=["--IPKernelApp.log_level=ERROR"])
+
+    def shutdown_kernel(self) -> None:
+        "Stop the kernel (it is ours: papermill only borrows it)."
+        from jupyter_core.utils import run_sync
+        if self.km is not None and self.km.has_kernel:
+            try: run_sync(self.km.shutdown_kernel)(now=True)
+            except Exception as e: print(f"nlpmt-runner: could not stop the kernel: {e}", file=self.stderr)
 
     def run(self) -> NotebookResult:
         "Execute the notebook; never raises for notebook errors (they become a Failed result)."
+        try:
+            self.start_kernel()
+            return self._run()
+        finally: self.shutdown_kernel()
+
+    def _run(self) -> NotebookResult:
+        "Execute the notebook on the started kernel."
         _skip_slow_imports()
         import papermill as pm
         from papermill.exceptions import PapermillExecutionError
         nb = self.prepare()
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        kernel_name = nb.metadata.get("kernelspec", {}).get("name") or "python3"
-        _log_cell_markers(self.stderr, len(nb.cells))
+        _log_cell_markers(self.stderr, _code_cell_labels(nb))
         print(f"nlpmt-runner: running {self.notebook.name} ({len(nb.cells)} cells) in {self.cwd}", file=self.stderr, flush=True)
         start, status, failure = time.time(), "Completed", ""
         try:
-            pm.execute_notebook(nb, str(self.output_path), parameters=None, cwd=str(self.cwd), kernel_name=kernel_name,
+            pm.execute_notebook(nb, str(self.output_path), parameters=None, cwd=str(self.cwd), kernel_name=self.km.kernel_name,
+                                engine_name=_papermill_engine(), km=self.km,
                                 progress_bar=False, log_output=True, stdout_file=self.stdout, stderr_file=self.stderr,
-                                request_save_on_cell_execute=True, autosave_cell_every=10,
-                                kernel_manager_class=self._kernel_manager_class(), shutdown_kernel="immediate",
-                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                                request_save_on_cell_execute=True, autosave_cell_every=10)
         except PapermillExecutionError as e:
             saved = self._saved()
             idx = self._find_cell(saved, e) if saved is not None else None
@@ -501,24 +548,25 @@ def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = No
         values = check_parameters(given, spec, notebook)
     except ParameterError as e:
         say(f"error: {e}"); write_failure(folders, f"nlpmt: bad parameters: {e}"); return 2
-    from nlpmt.storage import open_store
-    from nlpmt.core import provenance, utc_now
-    target = open_store(store)
     run_id = run_id or os.environ.get("NLPMT_RUN_ID") or job_name_from_env(folders=folders) or new_run_id()
     name = name or stage_name(notebook)
     key = notebook_key(run_id, name)
-    local_nb = folders.output_data/f"{name}.ipynb"
-    job = NotebookJob(notebook, local_nb, values)
+    job = NotebookJob(notebook, folders.output_data/f"{name}.ipynb", values)
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
         previous = signal.signal(signal.SIGTERM, lambda s, f: (say("SIGTERM: forwarding to the kernel"), job.terminate()))
-    started = utc_now()
-    _kernel_pythonpath()
-    say(f"stage {name}: notebook {notebook.name} -> {target.url(key)}")
-    try: result = job.run()
+    try:
+        _kernel_pythonpath()
+        job.start_kernel()   # it boots while the store and papermill load
+        from nlpmt.storage import open_store
+        from nlpmt.core import provenance, utc_now
+        target, started = open_store(store), utc_now()
+        say(f"stage {name}: notebook {notebook.name} -> {target.url(key)}")
+        result = job.run()
     except ParameterError as e:
         say(f"error: {e}"); write_failure(folders, f"nlpmt: bad parameters: {e}"); return 2
     finally:
+        job.shutdown_kernel()
         if main_thread: signal.signal(signal.SIGTERM, previous)
     record = {"run_id": run_id, "name": name, "stage": stage_name(notebook), "notebook": notebook.name,
               "job_name": job_name_from_env(folders=folders), "status": result.status, "failure": result.failure,

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                           EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .core import Config, ConfigError, from_dict, load_config, model_short_name, sha256_bytes, utc_now
 from .storage import (Store, LocalStore, StoreError, open_store, read_data_report, read_split, save_figure,
                            sync, join_key, temp_store, SPLITS)
@@ -33,9 +34,10 @@ __all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CHECKPOINT_MARK
            'subsample_train', 'EncodedTexts', 'EpochLengthSampler', 'TrainingInterrupted', 'run_id', 'CheckpointPlace',
            'checkpoint_place', 'checkpoint_folders', 'is_complete_checkpoint', 'prepare_resume', 'TrainingMeter',
            'ThroughputCallback', 'SpotCheckpointCallback', 'stop_on_signals', 'StageTrainer', 'compute_metrics',
-           'steps_per_epoch', 'total_steps', 'training_arguments', 'train_log', 'epoch_history', 'plot_training_curves',
-           'final_model_prefix', 'save_final_model', 'TransformerPredictor', 'load_predictor',
-           'write_transformer_summary', 'TransformerRun', 'train_transformer', 'make_tiny_bert', 'separable_texts']
+           'EpochProgressCallback', 'steps_per_epoch', 'total_steps', 'training_arguments', 'train_log',
+           'epoch_history', 'plot_training_curves', 'final_model_prefix', 'save_final_model', 'TransformerPredictor',
+           'load_predictor', 'write_transformer_summary', 'TransformerRun', 'train_transformer', 'make_tiny_bert',
+           'separable_texts']
 
 # %% ../nbs/04_transformer.ipynb #c008
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -124,7 +126,7 @@ def load_model_and_tokenizer(model_name: str, labels: Sequence[str]):
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModelForSequenceClassification.from_pretrained(
                 source, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True, **kwargs)
+                label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True, **kwargs).float()
     except (OSError, ValueError, KeyError) as e:
         hint = "" if local else (" (not a local folder, so it must come from the Hugging Face Hub: is it reachable? "
                                  f"Offline, pass a local model folder or {DEFAULT_MODEL!r})")
@@ -222,6 +224,7 @@ class EncodedTexts(Dataset):
         keys = list(enc.keys())
         self.features = [{k: enc[k][i] for k in keys} for i in self.order]
         if label_ids is not None:
+            label_ids = list(label_ids)              # positions, not a pandas index
             for f, i in zip(self.features, self.order): f["labels"] = int(label_ids[i])
     def __len__(self): return len(self.features)
     def __getitem__(self, i): return self.features[i]
@@ -442,6 +445,15 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": float(accuracy_score(eval_pred.label_ids, pred)),
             "macro_f1": float(f1_score(eval_pred.label_ids, pred, average="macro"))}
 
+class EpochProgressCallback(ProgressCallback):
+    "The Trainer's tqdm bars, with one line per validation instead of a line per training-loss log."
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "eval_macro_f1" in logs:
+            from tqdm.auto import tqdm
+            tqdm.write(f"epoch {logs.get('epoch', state.epoch):.2f}, step {state.global_step}: validation loss "
+                       f"{logs.get('eval_loss', float('nan')):.4f}, accuracy {logs['eval_accuracy']:.4f}, "
+                       f"macro-F1 {logs['eval_macro_f1']:.4f}")
+
 def steps_per_epoch(n_rows: int, params: TrainParams) -> int:
     "Optimizer steps in one epoch (the Trainer's count: batches, then accumulation groups)."
     batches = math.ceil(n_rows / params.batch_size)
@@ -498,6 +510,9 @@ def plot_training_curves(rec: dict):
         ax_loss.plot(hist["step"], hist["val_loss"], "o--", color="tab:orange", label="validation (epoch end)")
         ax_score.plot(hist["epoch"], hist["val_macro_f1"], "o-", label="validation macro-F1")
         ax_score.plot(hist["epoch"], hist["val_accuracy"], "s--", label="validation accuracy")
+        scores = pd.concat([hist["val_macro_f1"], hist["val_accuracy"]])
+        ax_score.set_ylim(max(0.0, scores.min() - 0.1), min(1.0, scores.max() + 0.05) + 0.01)
+        ax_score.xaxis.get_major_locator().set_params(integer=True)
         best = hist["val_macro_f1"].idxmax()
         ax_score.annotate(f"best {hist['val_macro_f1'][best]:.3f}", (hist["epoch"][best], hist["val_macro_f1"][best]),
                           textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9)
@@ -636,7 +651,9 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None),
         train_dataset=data["train"], eval_dataset=data["val"], processing_class=tokenizer,
         compute_metrics=compute_metrics, callbacks=callbacks, meter=meter, group_by_length=params.group_by_length)
-    gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else f" ({threads} threads)"
+    for cb in (ProgressCallback, PrinterCallback): trainer.remove_callback(cb)
+    if progress: trainer.add_callback(EpochProgressCallback)
+    gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else f" ({threads} thread{'s' * (threads > 1)})"
     print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params):,} steps on {device}{gpu}, "
           f"{precision}; run {run}, checkpoints in {place.folder}" +
           (f"; resuming from {resume.name}" if resume else ""), flush=True)

@@ -158,6 +158,33 @@ def test_broken_file_strict_error_names_file_line_and_problem(name, kw, rows_rea
     assert store.list("data/processed") == [] and store.list("figures") == []   # nothing written
 
 
+def test_strict_line_numbers_count_physical_lines(tmp_path):
+    "A BOM, a quoted line break and a blank line before the bad row: the error still names its physical line."
+    items = json.loads((FIX/"raw_data.json").read_text())
+    row = lambda r: f'"{r["text"]}",{r["label"]}'
+    lines = ["text,label", *map(row, items[:3]), '"a Tech story\nover two lines about chips",Tech', "",
+             *map(row, items[3:10]), '"  ",Food', *map(row, items[10:])]
+    path = tmp_path/"odd.csv"; path.write_bytes(("\ufeff" + "\n".join(lines) + "\n").encode())
+    report = run(cfg("x", raw_path=str(path)))
+    assert (report["rows_read"], report["rows_kept"], report["dropped"]["empty_text"]) == (38, 37, 1)
+    with pytest.raises(DataError, match=r"odd\.csv: line 15: empty text"): run(cfg("x", raw_path=str(path), strict=True))
+
+
+def test_undecodable_bytes_in_json_lines_and_json_arrays(tmp_path):
+    items = json.loads((FIX/"raw_data.json").read_text())
+    lines = [json.dumps(r).encode() for r in items]
+    lines.insert(5, b'{"text": "caf\xe9 story", "label": "Food"}')
+    (tmp_path/"bad.jsonl").write_bytes(b"\n".join(lines))
+    assert run(cfg("x", raw_path=str(tmp_path/"bad.jsonl")))["dropped"]["undecodable_bytes"] == 1
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 6: undecodable bytes: byte 0xe9 at column 14 is not valid UTF-8"):
+        run(cfg("x", raw_path=str(tmp_path/"bad.jsonl"), strict=True))
+    array = json.dumps(items).encode().replace(b"Tech story 3:", b"Tech story 3 \xff:")
+    (tmp_path/"bad.json").write_bytes(array)
+    assert run(cfg("x", raw_path=str(tmp_path/"bad.json")))["dropped"]["undecodable_bytes"] == 1
+    with pytest.raises(DataError, match=r"bad\.json: item 10: undecodable bytes: byte 0xff is not valid UTF-8"):
+        run(cfg("x", raw_path=str(tmp_path/"bad.json"), strict=True))
+
+
 @pytest.mark.parametrize("config,error", [
     (cfg("nope.csv"), "nope.csv: raw data file not found"),
     (cfg("empty.csv"), "empty.csv: file is empty"),
@@ -192,7 +219,7 @@ def test_failed_run_leaves_previous_outputs_untouched():
 
 def test_leakage_check_fails_the_run_when_texts_cross_splits(monkeypatch):
     "Fault injection: with deduplication switched off, repeated texts land in two splits and the guard must stop the run."
-    monkeypatch.setattr(data, "find_duplicates", lambda text, label, key: pd.Series([None] * len(text), index=text.index, dtype=object))
+    monkeypatch.setattr(data, "find_duplicates", lambda text, *args: pd.Series([None] * len(text), index=text.index, dtype=object))
     store = data.temp_store()
     with pytest.raises(DataError, match=r"leakage check failed: \{'train/val': \d+, 'train/test': \d+, 'val/test': \d+\}"):
         run(cfg("duplicates.csv", val_frac=0.3, test_frac=0.3), store)
@@ -209,7 +236,7 @@ def test_raw_input_from_s3_and_outputs_to_s3_store(s3_bucket):
     store = S3Store(f"s3://{s3_bucket}/project")
     report = run(cfg("x", raw_path=f"s3://{s3_bucket}/incoming/news.jsonl", label_names_file=f"s3://{s3_bucket}/incoming/classes.txt"), store)
     assert report["source"] == {"path": f"s3://{s3_bucket}/incoming/news.jsonl", "format": "jsonl",
-                                "sha256": sha256_bytes((FIX/"malformed.jsonl").read_bytes()),
+                                "sha256": sha256_bytes((FIX/"malformed.jsonl").read_bytes()), "bytes": (FIX/"malformed.jsonl").stat().st_size,
                                 "label_names_file": f"s3://{s3_bucket}/incoming/classes.txt"}
     assert report["labels"] == LABELS3 and report["dropped"]["malformed_json"] == 2
     check_outputs(store, report)
