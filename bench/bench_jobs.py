@@ -42,11 +42,12 @@ def main() -> None:
             job.append(timed([nlpmt, "run", "data", "--store", b]))
             cells.append(cell_seconds(Path(b)))
     d, j, c = statistics.median(direct), statistics.median(job), statistics.median(cells)
-    print(f"data stage, median of {args.repeats} runs on {os.cpu_count()} CPUs")
+    print(f"data stage, median of {args.repeats} runs on {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f})")
     print(f"  direct  (python -c prepare_data(...))     {d:6.2f} s")
     print(f"  job     (nlpmt run data, local backend)   {j:6.2f} s   of which notebook cells {c:.2f} s")
     print(f"  overhead: {j - d:.2f} s ({j / d:.2f}x direct); job machinery outside the cells: {j - c:.2f} s "
           f"(target < 3 s: {'met' if j - d < 3 else 'NOT met'})")
+    print(f"  best pair: overhead {min(b - a for a, b in zip(direct, job)):.2f} s")
 
 
 if __name__ == "__main__":

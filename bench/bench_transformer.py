@@ -36,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128, help="tokens per text (the plain arm pads every text to it)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: every usable core)")
     p.add_argument("--precision", default="auto", help="the stage's precision: auto | bf16 | fp16 | fp32")
-    p.add_argument("--arms", default="stage,plain", help="which arms to run, in this order")
+    p.add_argument("--arms", default="stage,plain",
+                   help="arms to run, in this order: stage, plain, stage-fp32 (the stage with autocast off)")
     p.add_argument("--config-dir", default=None, help="config folder (default: the project's configs/)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
@@ -52,16 +53,16 @@ def build_store(config, rows: int):
     return store
 
 
-def run_stage(store, config, args, work: Path) -> dict:
+def run_stage(store, config, args, work: Path, precision: str = "", arm: str = "stage") -> dict:
     "Train with the stage; returns its numbers."
     from nlpmt.transformer import train_params, train_transformer
     params = train_params(config, model_name=args.model, epochs=args.epochs, max_length=args.max_length,
-                          max_train_rows=args.train_rows, precision=args.precision, max_steps=0)
+                          max_train_rows=args.train_rows, precision=precision or args.precision, max_steps=0)
     t0 = time.perf_counter()
-    run = train_transformer(store, params, config, checkpoint_dir=str(work/"stage-checkpoints"),
+    run = train_transformer(store, params, config, checkpoint_dir=str(work/f"{arm}-checkpoints"),
                             num_threads=args.threads)
     rec = run.record
-    return {"arm": "stage", "examples_per_second": rec["train_examples_per_second"], "train_seconds": rec["fit_seconds"],
+    return {"arm": arm, "examples_per_second": rec["train_examples_per_second"], "train_seconds": rec["fit_seconds"],
             "train_examples": rec["train_examples"], "test_macro_f1": rec["test"]["macro_f1"],
             "test_accuracy": rec["test"]["accuracy"], "precision": rec["precision"], "device": rec["device"],
             "batch_size": params.batch_size, "learning_rate": params.learning_rate,
@@ -104,8 +105,8 @@ def run_plain(store, config, args, work: Path) -> dict:
                               eval_strategy="no", save_strategy="no", report_to="none", seed=seed,
                               use_cpu=device == "cpu", dataloader_num_workers=0, logging_steps=50)
     trainer = Trainer(model=model, args=targs, train_dataset=Padded(train), callbacks=[ThroughputCallback(meter)])
-    print(f"plain: {len(train):,} training rows, fp32, padded to {args.max_length}, on {device} "
-          f"({threads} threads)", flush=True)
+    where = f"{threads} thread{'s' * (threads > 1)}" if device == "cpu" else torch.cuda.get_device_name(0)
+    print(f"plain: {len(train):,} training rows, fp32, padded to {args.max_length}, on {device} ({where})", flush=True)
     t0 = time.perf_counter()
     with quiet_transformers(): trainer.train()
     train_seconds = time.perf_counter() - t0
@@ -115,7 +116,7 @@ def run_plain(store, config, args, work: Path) -> dict:
     return {"arm": "plain", "examples_per_second": examples / meter.seconds, "train_seconds": train_seconds,
             "train_examples": examples, "test_macro_f1": float(f1_score(true, pred, average="macro")),
             "test_accuracy": float(accuracy_score(true, pred)), "precision": "fp32",
-            "device": device + (f" ({threads} threads)" if device == "cpu" else f" ({torch.cuda.get_device_name(0)})"),
+            "device": f"{device} ({where})",
             "batch_size": 32, "learning_rate": 5e-5, "total_seconds": time.perf_counter() - t0}
 
 
@@ -131,7 +132,10 @@ def main(argv=None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="nlpmt-bench-") as tmp:
         for arm in args.arms.split(","):
-            results[arm] = {"stage": run_stage, "plain": run_plain}[arm.strip()](store, config, args, Path(tmp))
+            arm = arm.strip()
+            if arm == "stage-fp32": results[arm] = run_stage(store, config, args, Path(tmp), "fp32", arm)
+            elif arm in ("stage", "plain"): results[arm] = (run_stage if arm == "stage" else run_plain)(store, config, args, Path(tmp))
+            else: raise SystemExit(f"--arms: unknown arm {arm!r} (stage, stage-fp32, plain)")
     print("\n| arm | device | precision | batch | lr | train examples/s | train() wall s | test macro-F1 | test accuracy |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results.values():
@@ -146,6 +150,11 @@ def main(argv=None) -> int:
         print(f"\nspeed-up (stage / plain, training examples per second): {out['speedup']:.2f}x  (target >= 1.8x)")
         print(f"test macro-F1: stage {s['test_macro_f1']:.4f}, plain {p['test_macro_f1']:.4f}, difference "
               f"{out['macro_f1_difference_points']:+.2f} points  (target: within 0.5 points, or better)")
+    if {"stage", "stage-fp32"} <= set(results):
+        s, f = results["stage"], results["stage-fp32"]
+        out["precision_speedup"] = s["examples_per_second"] / f["examples_per_second"]
+        print(f"autocast ({s['precision']}) / fp32 within the stage: {out['precision_speedup']:.2f}x examples per "
+              f"second, test macro-F1 {s['test_macro_f1']:.4f} vs {f['test_macro_f1']:.4f}")
     if args.json: Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 

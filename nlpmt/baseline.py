@@ -9,7 +9,7 @@ Docs: https://nlpmt.github.io/nlpmt/baseline.html.md"""
 
 # %% ../nbs/03_baseline.ipynb #c003
 from __future__ import annotations
-import hashlib, io, itertools, json, tempfile, time
+import itertools, json, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,19 +17,20 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 from .core import (BaselineModelConfig, Config, ConfigError, load_config, model_short_name, provenance,
-                        sha256_bytes, sha256_file, utc_now)
+                        sha256_file, utc_now)
 from .storage import SPLITS, Store, StoreError, read_data_report, read_split, save_figure, temp_store
 from .metrics import (classification_metrics, label_indices, list_metrics, metrics_record, plot_confusion,
                            read_metrics, summary_row, write_metrics)
 
 # %% auto #0
-__all__ = ['CLASSIFIER_DEFAULTS', 'MODEL_FORMAT', 'MODEL_MARKER', 'classifier_class', 'make_classifier', 'make_vectorizer',
-           'grid_candidates', 'TestSplitSealed', 'SplitReader', 'encode_labels', 'Selection', 'select_model',
-           'save_pipeline', 'load_pipeline', 'check_texts', 'BaselinePredictor', 'load_predictor', 'model_names',
-           'save_model', 'BaselineRun', 'run_baseline']
+__all__ = ['CLASSIFIER_DEFAULTS', 'TFIDF_PREFIX', 'MODEL_FORMAT', 'MODEL_MARKER', 'classifier_class', 'make_classifier',
+           'make_vectorizer', 'grid_candidates', 'SealedSplitError', 'SplitReader', 'encode_labels', 'split_candidate',
+           'Selection', 'select_model', 'save_pipeline', 'load_pipeline', 'check_texts', 'BaselinePredictor',
+           'load_predictor', 'model_names', 'save_model', 'BaselineRun', 'run_baseline']
 
 # %% ../nbs/03_baseline.ipynb #c007
 CLASSIFIER_DEFAULTS = {"logreg": {"solver": "saga"}, "linear_svm": {}}
+TFIDF_PREFIX = "tfidf."   # grid keys with this prefix are TF-IDF parameters, the others classifier parameters
 
 def classifier_class(kind: str):
     "The scikit-learn estimator class of a classifier kind (`logreg` or `linear_svm`)."
@@ -44,7 +45,11 @@ def make_classifier(kind: str, params: dict, seed: int, where: str = "models_bas
     cls = classifier_class(kind)
     known = cls().get_params()
     unknown = sorted(set(params) - set(known))
-    if unknown: raise ConfigError(f"{where}: unknown {cls.__name__} parameter {unknown[0]!r}")
+    if unknown:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        hint = (f" (a TF-IDF parameter in `search` needs the prefix: {TFIDF_PREFIX}{unknown[0]})"
+                if unknown[0] in TfidfVectorizer().get_params() else "")
+        raise ConfigError(f"{where}: unknown {cls.__name__} parameter {unknown[0]!r}{hint}")
     return cls(**{**CLASSIFIER_DEFAULTS[kind], "random_state": seed, **params})
 
 def make_vectorizer(tfidf: dict, where: str = "models_baseline.yaml"):
@@ -63,7 +68,7 @@ def grid_candidates(params: dict, search: dict) -> list[dict]:
     return [{**params, **dict(zip(keys, combo))} for combo in itertools.product(*(search[k] for k in keys))]
 
 # %% ../nbs/03_baseline.ipynb #c010
-class TestSplitSealed(RuntimeError):
+class SealedSplitError(RuntimeError):
     "The test split was requested before model selection finished, or a second time in one run."
 
 class SplitReader:
@@ -75,8 +80,8 @@ class SplitReader:
     def read(self, split: str) -> pd.DataFrame:
         "One split as a DataFrame (`text`, `label`), hash-checked against the data report."
         if split == "test":
-            if self.sealed: raise TestSplitSealed("the test split is sealed until model selection is finished")
-            if "read test" in self.log: raise TestSplitSealed("the test split was already read in this run")
+            if self.sealed: raise SealedSplitError("the test split is sealed until model selection is finished")
+            if "read test" in self.log: raise SealedSplitError("the test split was already read in this run")
         df = read_split(self.store, split, self.report)
         self.log.append(f"read {split}")
         return df
@@ -94,6 +99,11 @@ def encode_labels(df: pd.DataFrame, labels: Sequence[str], where: str) -> np.nda
     return np.array([index[v] for v in df["label"]], dtype=np.int64)
 
 # %% ../nbs/03_baseline.ipynb #c012
+def split_candidate(params: dict) -> tuple[dict, dict]:
+    "Split a candidate into its TF-IDF overrides (`tfidf.` keys, prefix removed) and its classifier parameters."
+    tfidf = {k[len(TFIDF_PREFIX):]: v for k, v in params.items() if k.startswith(TFIDF_PREFIX)}
+    return tfidf, {k: v for k, v in params.items() if not k.startswith(TFIDF_PREFIX)}
+
 @dataclass
 class Selection:
     "The outcome of a validation-only search: the chosen, fitted pipeline and every candidate's scores."
@@ -112,25 +122,34 @@ def select_model(name: str, model_cfg: BaselineModelConfig, train_text, train_y,
     from sklearn.pipeline import Pipeline
     where = f"models_baseline.yaml: models.{name}"
     t0 = time.perf_counter()
-    vectorizer = make_vectorizer(model_cfg.tfidf, f"{where}.tfidf")
-    x_train = vectorizer.fit_transform(list(train_text))
-    vec_seconds = time.perf_counter() - t0
-    x_val = vectorizer.transform(list(val_text))
-    candidates, best = [], None
+    train_text, val_text = list(train_text), list(val_text)
+    features, candidates, best = {}, [], None     # features: TF-IDF setting -> (vectoriser, X_train, X_val, seconds)
     grid = grid_candidates(model_cfg.params, model_cfg.search)
+    for params in grid:                           # check every candidate's settings before fitting anything
+        tfidf_extra, clf_params = split_candidate(params)
+        make_vectorizer({**model_cfg.tfidf, **tfidf_extra}, f"{where}.tfidf/search")
+        make_classifier(model_cfg.classifier, clf_params, seed, f"{where}.params/search")
     for params in tqdm(grid, desc=f"{name}: search", unit="candidate", disable=not progress):
-        clf = make_classifier(model_cfg.classifier, params, seed, f"{where}.params/search")
+        tfidf_extra, clf_params = split_candidate(params)
+        setting = json.dumps(tfidf_extra, sort_keys=True)
+        if setting not in features:
+            t = time.perf_counter()
+            vectorizer = make_vectorizer({**model_cfg.tfidf, **tfidf_extra}, f"{where}.tfidf/search")
+            x_train = vectorizer.fit_transform(train_text)
+            features[setting] = (vectorizer, x_train, vectorizer.transform(val_text), time.perf_counter() - t)
+        vectorizer, x_train, x_val, vec_seconds = features[setting]
+        clf = make_classifier(model_cfg.classifier, clf_params, seed, f"{where}.params/search")
         t = time.perf_counter(); clf.fit(x_train, train_y); clf_seconds = time.perf_counter() - t
         pred = clf.predict(x_val)
         scores = classification_metrics(val_y, pred, labels)
         row = {"params": params, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
-               "fit_seconds": clf_seconds}
+               "fit_seconds": vec_seconds + clf_seconds}
         candidates.append(row)
-        if best is None or row[f"val_{select_metric}"] > best[0][f"val_{select_metric}"]: best = (row, clf, pred)
-    row, clf, pred = best
+        if best is None or row[f"val_{select_metric}"] > best[0][f"val_{select_metric}"]: best = (row, vectorizer, clf, pred)
+    row, vectorizer, clf, pred = best
     pipeline = Pipeline([("tfidf", vectorizer), ("clf", clf)])
     return Selection(name, pipeline, dict(row["params"]), np.asarray(pred), candidates,
-                     fit_seconds=vec_seconds + row["fit_seconds"], search_seconds=time.perf_counter() - t0)
+                     fit_seconds=row["fit_seconds"], search_seconds=time.perf_counter() - t0)
 
 # %% ../nbs/03_baseline.ipynb #c016
 MODEL_FORMAT = "nlpmt-tfidf-linear-v1"
@@ -242,6 +261,7 @@ def model_names(models, config: Config) -> list[str]:
 def save_model(store: Store, name: str, pipeline, labels: Sequence[str], meta: dict) -> str:
     "Save a fitted pipeline under `models/final/{model}/` in the store (marker file last); returns the prefix."
     prefix = f"models/final/{model_short_name(name)}"
+    store.delete(f"{prefix}/{MODEL_MARKER}")      # the folder is incomplete until the new marker lands
     with tempfile.TemporaryDirectory() as tmp:
         save_pipeline(pipeline, tmp, {"model": model_short_name(name), "model_name": name, "labels": list(labels), **meta})
         for f in ("pipeline.json", "arrays.npz", MODEL_MARKER): store.upload_file(Path(tmp)/f, f"{prefix}/{f}")

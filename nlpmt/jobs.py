@@ -21,14 +21,15 @@ from .runner import (STAGES, ParameterError, stage_notebook, stage_name, noteboo
 
 # %% auto #0
 __all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'BUNDLE_SKIP', 'JOB_SCRIPT', 'TERMINAL', 'LOG_GROUPS', 'PIPELINE',
-           'job_base_name', 'job_name', 'JobSpec', 'resolve_store_uri', 'model_parameter', 'plan_jobs', 'as_string',
-           'param_args', 'config_env', 'JobResult', 'checkpoint_prefix', 'local_job_env', 'local_checkpoint_dir',
-           'prepare_local_job', 'run_local', 'JobInterrupted', 'project_root_or_cwd', 'visible_gpus', 'run_local_many',
-           'bundle_requirements', 'make_bundle', 'bundle_stage_arg', 'SubmittedJob', 'sagemaker_session', 'image_uri',
-           'job_tags', 'job_environment', 'check_cloud_job', 'submit_sagemaker', 'JobStatus', 'sagemaker_client',
-           'describe_job', 'job_cost_info', 'list_jobs', 'stop_job', 'log_events', 'wait_for_job', 'format_table',
-           'results_table', 'print_summary', 'pipeline_stages', 'run_pipeline', 'run_sagemaker_many', 'cmd_run',
-           'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status', 'cmd_jobs_logs', 'cmd_jobs_stop', 'register_cli']
+           'job_base_name', 'with_timestamp', 'job_name', 'JobSpec', 'resolve_store_uri', 'model_parameter',
+           'plan_jobs', 'as_string', 'param_args', 'config_env', 'JobResult', 'checkpoint_prefix', 'local_job_env',
+           'local_checkpoint_dir', 'prepare_local_job', 'run_local', 'JobInterrupted', 'project_root_or_cwd',
+           'visible_gpus', 'run_local_many', 'bundle_requirements', 'make_bundle', 'bundle_stage_arg', 'SubmittedJob',
+           'sagemaker_session', 'image_uri', 'job_tags', 'job_environment', 'check_cloud_job', 'submit_sagemaker',
+           'JobStatus', 'sagemaker_client', 'describe_job', 'job_cost_info', 'list_jobs', 'stop_job', 'log_events',
+           'wait_for_job', 'format_table', 'results_table', 'print_summary', 'pipeline_stages', 'run_pipeline',
+           'run_sagemaker_many', 'cmd_run', 'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status', 'cmd_jobs_logs',
+           'cmd_jobs_stop', 'register_cli']
 
 # %% ../nbs/06_jobs.ipynb #c006
 _issued_tokens: set[str] = set()
@@ -47,9 +48,13 @@ def job_base_name(project: str, what: str) -> str:
     head = f"{_name_part(project)}-{_name_part(what)}"[:63 - 15 - 7].rstrip("-")
     return f"{head}-{token}"
 
+def with_timestamp(base: str, when: Optional[float] = None) -> str:
+    "`base` plus `-YYYYmmddHHMMSS` (UTC; now by default), as the SDK names Training jobs."
+    return f"{base}-{time.strftime('%Y%m%d%H%M%S', time.gmtime(when))}"
+
 def job_name(project: str, what: str, when: Optional[float] = None) -> str:
     "A unique job name `{project}-{what}-{token}-{YYYYmmddHHMMSS}`."
-    return f"{job_base_name(project, what)}-{time.strftime('%Y%m%d%H%M%S', time.gmtime(when))}"
+    return with_timestamp(job_base_name(project, what), when)
 
 # %% ../nbs/06_jobs.ipynb #c009
 TRAINING_STAGES = ("transformer",)
@@ -64,7 +69,7 @@ class JobSpec:
     store: str                       # store URI
     run_id: str                      # groups the jobs of one run in results/notebooks/{run_id}/
     name: str                        # name of the executed notebook in the run: stage or stage-model
-    job_name: str                    # unique job name (a Training job's base name: SageMaker adds a timestamp)
+    job_name: str                    # unique base name; the job's name adds its start time (`with_timestamp`)
     kind: str = "processing"         # processing | training
     model: Optional[str] = None
     overrides: list = field(default_factory=list)   # config overrides (section.key=value)
@@ -110,8 +115,7 @@ def plan_jobs(stage: str, params: Optional[dict] = None, store: Optional[str] = 
         name = f"{sname}-{short}" if short and len(models or []) > 1 else sname
         what = short or sname
         jobs.append(JobSpec(stage=stage, notebook=str(notebook), params=v, store=store_uri, run_id=run_id, name=name,
-                            job_name=job_base_name(config.project.name, what) if kind == "training"
-                                     else job_name(config.project.name, what),
+                            job_name=job_base_name(config.project.name, what),
                             kind=kind, model=model, overrides=list(overrides), config_dir=config_dir))
     return jobs
 
@@ -236,7 +240,7 @@ def run_local(spec: JobSpec, gpu: Optional[str] = None, prefix: str = "", out=No
               grace_seconds: float = 150.0) -> JobResult:
     "Run one job with the local backend (a runner subprocess over a temporary `/opt/ml`); returns its result."
     out = out or sys.stdout
-    if spec.kind == "training": spec = dataclasses.replace(spec, job_name=f"{spec.job_name}-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}")
+    spec = dataclasses.replace(spec, job_name=with_timestamp(spec.job_name))
     root = Path(tempfile.mkdtemp(prefix=f"nlpmt-job-{spec.name}-"))
     store = open_store(spec.store)
     start = time.time()
@@ -447,9 +451,22 @@ def _cloud_params(spec: JobSpec) -> dict:
     "The job's parameters for a container: a local `config_dir` is dropped (the bundle carries those configs)."
     return {k: v for k, v in spec.params.items() if not (k == "config_dir" and v and os.path.isabs(str(v)))}
 
+class _QuietSDK:
+    "Drop two SDK warnings that are wrong for these jobs (hyper-parameters reach the runner through their file; the region is the session's)."
+    NOISE = ("Hyperparameters are set but are not passed", "No region provided")
+    def filter(self, record): return not str(record.msg).startswith(self.NOISE)
+    def __enter__(self):
+        import logging
+        self.logger = logging.getLogger("sagemaker.core.utils.utils"); self.logger.addFilter(self)
+    def __exit__(self, *exc): self.logger.removeFilter(self)
+
 def submit_sagemaker(spec: JobSpec, config, instance_type: Optional[str] = None, spot: Optional[bool] = None,
                      role: Optional[str] = None, boto_session=None) -> SubmittedJob:
     "Create the SageMaker Training or Processing job for `spec` (returns at once; see `wait_for_job`)."
+    with _QuietSDK(): return _submit(spec, config, instance_type, spot, role, boto_session)
+
+def _submit(spec: JobSpec, config, instance_type, spot, role, boto_session) -> SubmittedJob:
+    "`submit_sagemaker` without the SDK noise."
     check_cloud_job(spec, config)
     store = open_store(spec.store)
     role = _role(config, role)
@@ -512,7 +529,8 @@ def _submit_processing(spec, config, session, bundle, args, itype, role) -> str:
                      sagemaker_session=session, env=job_environment(spec), tags=job_tags(spec, config))
     code = ProcessingInput(input_name="code", s3_input=ProcessingS3Input(
         s3_uri=str(bundle), local_path=code_dir, s3_data_type="S3Prefix", s3_input_mode="File"))
-    proc.run(inputs=[code], arguments=args + param_args(_cloud_params(spec)), wait=False, logs=False, job_name=spec.job_name)
+    proc.run(inputs=[code], arguments=args + param_args(_cloud_params(spec)), wait=False, logs=False,
+             job_name=with_timestamp(spec.job_name))
     return proc.latest_job.processing_job_name
 
 # %% ../nbs/06_jobs.ipynb #c029

