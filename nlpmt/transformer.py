@@ -684,7 +684,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     extra = {"train_examples_per_second": meter.per_second(), "train_seconds": meter.seconds,
              "train_examples": meter.examples, "train_log": train_log(trainer.state.log_history), "run": run,
              "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
-             "steps": trainer.state.global_step, "best_step": trainer.state.best_global_step,
+             "steps": trainer.state.global_step, "best_step": getattr(trainer.state, "best_global_step", None),
              "precision": precision, "device": device + gpu, "model_source": source}
     rec = metrics_record(params.model_name, "transformer", labels,
                          splits["val"]["label"].tolist(), [labels[i] for i in val_pred],
