@@ -19,18 +19,21 @@ from .storage import (boto_client, atomic_write_bytes, check_key, open_store, pa
                            StoreError, sync, sync_up, read_data_report, read_split, SPLITS)
 
 # %% auto #0
-__all__ = ['PRICE_COLUMNS', 'BUCKET_RE', 'SAGEMAKER_LOGS', 'S3_ACTIONS_NEEDED', 'STAR_RESOURCE_OK', 'SAGEMAKER_POLICY_NAME',
-           'EC2_POLICY_NAME', 'MANAGED_TAG', 'PUBLIC_ACCESS_BLOCK', 'DLAMI_NAME_PATTERN', 'USER_DATA_MARKER',
-           'DEFAULT_SRC', 'EC2_USER', 'EC2_WORKDIR', 'JUPYTER_PORT', 'EMAIL_RE', 'asset_path', 'InstancePrice',
-           'price_table', 'instance_price', 'job_cost', 'estimate_cost', 'check_bucket_name', 'trust_policy',
-           's3_statements', 'sagemaker_role_policy', 'ec2_role_policy', 'check_policy', 'policy_allows',
-           'trusts_service', 'sagemaker_job_needs', 'set_yaml_scalars', 'AwsNames', 'aws_names', 'aws_tags',
-           'tls_only_statement', 'ensure_bucket', 'ensure_role', 'ensure_instance_profile', 'bootstrap', 'newest_image',
-           'find_dlami', 'user_data_template', 'render_user_data', 'ensure_ssh_group', 'launch_instance',
-           'list_instances', 'connect_info', 'terminate_instance', 'budget_notifications', 'ensure_budget', 'Check',
-           'doctor_checks', 'format_checks', 'cmd_policy', 'cmd_check_policy', 'cmd_bootstrap', 'cmd_ec2_launch',
-           'cmd_ec2_list', 'cmd_ec2_connect', 'cmd_ec2_terminate', 'cmd_budget', 'cmd_cost_estimate', 'cmd_cost_prices',
-           'cmd_doctor', 'register_cli']
+__all__ = ['PRICE_COLUMNS', 'JOB_LOG_GROUPS', 'JOB_METRIC_NAMESPACES', 'JOB_CODE_PREFIX', 'JOB_OUTPUT_PREFIX',
+           'JOB_CHECKPOINT_PREFIX', 'JOB_STORE_ACCESS', 'JOB_DELETE_PREFIXES', 'FRAMEWORK_IMAGE_REPOSITORY',
+           'JOB_NAME_HEAD', 'BUCKET_RE', 'ROLE_ARN_RE', 'S3_ACTIONS_NEEDED', 'STAR_RESOURCE_OK', 'INSTANCE_LOG_GROUPS',
+           'S3_MODE_ACTIONS', 'DLC_ACCOUNT', 'SAGEMAKER_POLICY_NAME', 'EC2_POLICY_NAME', 'MANAGED_TAG',
+           'PUBLIC_ACCESS_BLOCK', 'DLAMI_NAME_PATTERN', 'USER_DATA_MARKER', 'DEFAULT_SRC', 'EC2_USER', 'EC2_WORKDIR',
+           'JUPYTER_PORT', 'EMAIL_RE', 'asset_path', 'InstancePrice', 'price_table', 'instance_price', 'job_cost',
+           'estimate_cost', 'job_name_prefix', 'ecr_repository_arn', 'job_image_repositories', 'store_access',
+           'log_group_arns', 'job_arns', 'check_bucket_name', 'trust_policy', 's3_statements', 'sagemaker_role_policy',
+           'ec2_role_policy', 'check_policy', 'policy_allows', 'trusts_service', 'sagemaker_job_needs',
+           'set_yaml_scalars', 'AwsNames', 'aws_names', 'aws_tags', 'tls_only_statement', 'ensure_bucket',
+           'ensure_role', 'ensure_instance_profile', 'bootstrap', 'newest_image', 'find_dlami', 'user_data_template',
+           'render_user_data', 'ensure_ssh_group', 'launch_instance', 'list_instances', 'connect_info',
+           'terminate_instance', 'budget_notifications', 'ensure_budget', 'Check', 'doctor_checks', 'format_checks',
+           'cmd_policy', 'cmd_check_policy', 'cmd_bootstrap', 'cmd_ec2_launch', 'cmd_ec2_list', 'cmd_ec2_connect',
+           'cmd_ec2_terminate', 'cmd_budget', 'cmd_cost_estimate', 'cmd_cost_prices', 'cmd_doctor', 'register_cli']
 
 # %% ../nbs/07_aws.ipynb #c007
 PRICE_COLUMNS = ("instance_type", "service", "on_demand_usd_per_hour", "spot_usd_per_hour", "gpus", "gpu",
@@ -126,6 +129,57 @@ def estimate_cost(instance_type: str, hours: float, spot: bool = False, models: 
                 saving_pct=round(100*(1 - rate/on_demand), 1) if on_demand else 0.0)
 
 # %% ../nbs/07_aws.ipynb #c014
+JOB_LOG_GROUPS = {"training": "/aws/sagemaker/TrainingJobs", "processing": "/aws/sagemaker/ProcessingJobs"}
+JOB_METRIC_NAMESPACES = tuple(JOB_LOG_GROUPS.values())
+JOB_CODE_PREFIX = "code"                          # code bundles the SDK uploads for each job
+JOB_OUTPUT_PREFIX = "models/output"               # the Training jobs' output path
+JOB_CHECKPOINT_PREFIX = "models/checkpoints"      # checkpoint sync of Training jobs (and of local S3 runs)
+JOB_STORE_ACCESS = {                              # store prefix: r(ead), w(rite), d(elete) by jobs and SageMaker
+    "data": "rw",                                 # data/raw in, data/processed out (Training channels read it)
+    "results": "rw",                              # metrics, executed notebooks, job logs, the report
+    "figures": "rw",
+    "figures/results": "rwd",                     # the report removes figures that no longer apply
+    "models/final": "rwd",                        # a stage replaces a final model folder (description file first)
+    JOB_OUTPUT_PREFIX: "w",
+    JOB_CHECKPOINT_PREFIX: "rwd",                 # SageMaker deletes checkpoints in S3 that the trainer rotates out
+    JOB_CODE_PREFIX: "r",
+}
+JOB_DELETE_PREFIXES = tuple(p for p, mode in JOB_STORE_ACCESS.items() if "d" in mode)
+FRAMEWORK_IMAGE_REPOSITORY = "pytorch-training"   # the SageMaker PyTorch image, for Training and Processing jobs
+JOB_NAME_HEAD = 63 - 15 - 7                       # a job name is HEAD-token(6)-YYYYmmddHHMMSS, at most 63 characters
+
+def job_name_prefix(project_name: str) -> str:
+    "What every SageMaker job name of the project starts with (followed by '-'): the lower-case `[a-z0-9-]` project name."
+    text = re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", str(project_name).lower())).strip("-") or "job"
+    return text[:JOB_NAME_HEAD].rstrip("-")
+
+def ecr_repository_arn(image_uri: str) -> str:
+    "The ECR repository ARN of an image URI (`ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPO[:TAG|@DIGEST]`)."
+    m = re.fullmatch(r"(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/([a-z0-9._/-]+?)(?:[:@].*)?", image_uri or "")
+    if not m: raise ValueError(f"image URI {image_uri!r} is not an ECR image (ACCOUNT.dkr.ecr.REGION.amazonaws.com/REPO:TAG)")
+    return f"arn:aws:ecr:{m[2]}:{m[1]}:repository/{m[3]}"
+
+def job_image_repositories(image_uri: Optional[str] = None) -> list[str]:
+    "ECR repositories jobs pull from: `project.image_uri`'s, else the framework image's (any region and account)."
+    if not image_uri: return [f"arn:aws:ecr:*:*:repository/{FRAMEWORK_IMAGE_REPOSITORY}"]
+    try: return [ecr_repository_arn(image_uri)]
+    except ValueError as e: raise ValueError(f"project.image_uri: {e}") from None
+
+def store_access(key: str) -> str:
+    "What jobs may do with a store key (`JOB_STORE_ACCESS` of its longest listed prefix): some of 'rwd', or ''."
+    hits = [p for p in JOB_STORE_ACCESS if key == p or key.startswith(p + "/")]
+    return JOB_STORE_ACCESS[max(hits, key=len)] if hits else ""
+
+def log_group_arns(region: str = "*", account: str = "*") -> list[str]:
+    "ARNs of the jobs' log groups and their streams."
+    return [arn for g in JOB_LOG_GROUPS.values() for arn in (f"arn:aws:logs:{region}:{account}:log-group:{g}",
+                                                              f"arn:aws:logs:{region}:{account}:log-group:{g}:*")]
+
+def job_arns(project_name: str, region: str = "*", account: str = "*") -> list[str]:
+    "ARNs of the project's Training and Processing jobs (by job-name prefix)."
+    return [f"arn:aws:sagemaker:{region}:{account}:{kind}-job/{job_name_prefix(project_name)}-*" for kind in ("training", "processing")]
+
+# %% ../nbs/07_aws.ipynb #c017
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 def check_bucket_name(bucket: str) -> str:
@@ -144,39 +198,47 @@ def trust_policy(service: str) -> dict:
     "Trust policy that lets an AWS service (e.g. `sagemaker.amazonaws.com`) assume the role."
     return _policy({"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"})
 
+def _object_arn(bucket: str, prefix: Optional[str], key: str) -> str:
+    "ARN of objects `key` (may end in `*`) below the store prefix."
+    return f"arn:aws:s3:::{bucket}/" + "/".join(p for p in (prefix, key) if p)
+
 def s3_statements(bucket: str, prefix: Optional[str] = None, allow_delete: bool = False) -> list[dict]:
-    "Statements for Get/Put/List on one bucket (optionally one prefix), plus Delete only if asked."
+    "Statements for Get/Put/List on one bucket (optionally one prefix); Delete where stages replace outputs, or everywhere if asked."
     bucket, prefix = check_bucket_name(bucket), check_key(prefix or "", allow_empty=True)
     listing = {"Sid": "ListProjectBucket", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{bucket}"}
     if prefix: listing["Condition"] = {"StringLike": {"s3:prefix": [prefix, f"{prefix}/*"]}}
     objects = ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"] + (["s3:DeleteObject"] if allow_delete else [])
-    return [listing,
-            {"Sid": "LocateProjectBucket", "Effect": "Allow", "Action": "s3:GetBucketLocation", "Resource": f"arn:aws:s3:::{bucket}"},
-            {"Sid": "ReadWriteProjectObjects", "Effect": "Allow", "Action": objects,
-             "Resource": f"arn:aws:s3:::{bucket}/{prefix + '/' if prefix else ''}*"}]
+    out = [listing,
+           {"Sid": "LocateProjectBucket", "Effect": "Allow", "Action": "s3:GetBucketLocation", "Resource": f"arn:aws:s3:::{bucket}"},
+           {"Sid": "ReadWriteProjectObjects", "Effect": "Allow", "Action": objects, "Resource": _object_arn(bucket, prefix, "*")}]
+    if not allow_delete:
+        out.append({"Sid": "ReplaceStageOutputs", "Effect": "Allow", "Action": "s3:DeleteObject",
+                    "Resource": [_object_arn(bucket, prefix, f"{p}/*") for p in JOB_DELETE_PREFIXES]})
+    return out
 
-# %% ../nbs/07_aws.ipynb #c015
-SAGEMAKER_LOGS = "arn:aws:logs:*:*:log-group:/aws/sagemaker/*"
-
-def sagemaker_role_policy(bucket: str, prefix: Optional[str] = None, allow_delete: bool = False) -> dict:
-    "Permissions of the SageMaker execution role: the bucket, job logs and metrics, container image pulls."
+# %% ../nbs/07_aws.ipynb #c018
+def sagemaker_role_policy(bucket: str, prefix: Optional[str] = None, allow_delete: bool = False,
+                          image_uri: Optional[str] = None) -> dict:
+    "Permissions of the SageMaker execution role: the store, the jobs' log groups and metrics, the job image."
     return _policy(
         *s3_statements(bucket, prefix, allow_delete),
         {"Sid": "WriteJobLogs", "Effect": "Allow",
          "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-         "Resource": [SAGEMAKER_LOGS, f"{SAGEMAKER_LOGS}:log-stream:*"]},
+         "Resource": log_group_arns()},
         {"Sid": "WriteJobMetrics", "Effect": "Allow", "Action": "cloudwatch:PutMetricData", "Resource": "*",
-         "Condition": {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}}},
+         "Condition": {"StringEquals": {"cloudwatch:namespace": list(JOB_METRIC_NAMESPACES)}}},
         {"Sid": "PullImagesToken", "Effect": "Allow", "Action": "ecr:GetAuthorizationToken", "Resource": "*"},
         {"Sid": "PullImages", "Effect": "Allow",
          "Action": ["ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer", "ecr:BatchGetImage"],
-         "Resource": "arn:aws:ecr:*:*:repository/*"})
+         "Resource": job_image_repositories(image_uri)})
 
-def ec2_role_policy(bucket: str, sagemaker_role_arn: str, prefix: Optional[str] = None, allow_delete: bool = False) -> dict:
-    "Permissions of the EC2 workstation role: the bucket, its own logs, and launching/following SageMaker jobs."
-    if not re.fullmatch(r"arn:aws[\w-]*:iam::(\d{12}|\*):role/[\w+=,.@/-]+", sagemaker_role_arn or ""):
+ROLE_ARN_RE = re.compile(r"arn:aws[\w-]*:iam::(\d{12}|\*):role/[\w+=,.@/-]+")
+
+def ec2_role_policy(bucket: str, sagemaker_role_arn: str, prefix: Optional[str] = None, allow_delete: bool = False,
+                    *, project_name: str) -> dict:
+    "Permissions of the EC2 workstation role: the store, its own logs, and launching/following the project's SageMaker jobs."
+    if not ROLE_ARN_RE.fullmatch(sagemaker_role_arn or ""):
         raise ValueError(f"sagemaker_role_arn {sagemaker_role_arn!r} is not a role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
-    jobs = ["arn:aws:sagemaker:*:*:training-job/*", "arn:aws:sagemaker:*:*:processing-job/*"]
     return _policy(
         *s3_statements(bucket, prefix, allow_delete),
         {"Sid": "WriteInstanceLogs", "Effect": "Allow",
@@ -184,21 +246,22 @@ def ec2_role_policy(bucket: str, sagemaker_role_arn: str, prefix: Optional[str] 
          "Resource": ["arn:aws:logs:*:*:log-group:/nlpmt/*", "arn:aws:logs:*:*:log-group:/nlpmt/*:log-stream:*"]},
         {"Sid": "ReadJobLogs", "Effect": "Allow",
          "Action": ["logs:DescribeLogStreams", "logs:GetLogEvents", "logs:FilterLogEvents"],
-         "Resource": [SAGEMAKER_LOGS, f"{SAGEMAKER_LOGS}:log-stream:*"]},
+         "Resource": log_group_arns()},
         {"Sid": "RunSageMakerJobs", "Effect": "Allow",
          "Action": ["sagemaker:CreateTrainingJob", "sagemaker:CreateProcessingJob", "sagemaker:DescribeTrainingJob",
                     "sagemaker:DescribeProcessingJob", "sagemaker:StopTrainingJob", "sagemaker:StopProcessingJob",
                     "sagemaker:AddTags", "sagemaker:ListTags"],
-         "Resource": jobs},
+         "Resource": job_arns(project_name)},
         {"Sid": "ListSageMakerJobs", "Effect": "Allow",
          "Action": ["sagemaker:ListTrainingJobs", "sagemaker:ListProcessingJobs"], "Resource": "*"},
         {"Sid": "PassOnlyTheSageMakerRole", "Effect": "Allow", "Action": "iam:PassRole", "Resource": sagemaker_role_arn,
          "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}}})
 
-# %% ../nbs/07_aws.ipynb #c018
+# %% ../nbs/07_aws.ipynb #c021
 S3_ACTIONS_NEEDED = {"s3:getobject", "s3:putobject", "s3:listbucket", "s3:getbucketlocation", "s3:abortmultipartupload"}
 STAR_RESOURCE_OK = {"ecr:getauthorizationtoken", "cloudwatch:putmetricdata", "sagemaker:listtrainingjobs",
                     "sagemaker:listprocessingjobs"}
+INSTANCE_LOG_GROUPS = "/nlpmt/*"   # the workstation's own logs
 
 def _as_list(value) -> list:
     "A policy field (string or list) as a list."
@@ -213,6 +276,23 @@ def _s3_resource_problems(resource: str, where: str, bucket: Optional[str], pref
     if prefix and key and not key.startswith(prefix.strip("/") + "/"):
         return [f"{where}: S3 resource {resource!r} is outside prefix {prefix!r}"]
     return []
+
+def _is_replace_resource(resource: str, prefix: Optional[str]) -> bool:
+    "Whether an S3 resource is exactly the objects below one of `JOB_DELETE_PREFIXES` (of the store prefix)."
+    key = resource[len("arn:aws:s3:::"):].partition("/")[2] if resource.startswith("arn:aws:s3:::") else ""
+    for p in JOB_DELETE_PREFIXES:
+        head = key[:-len(f"{p}/*")] if key.endswith(f"{p}/*") else None
+        if head is None or any(c in head for c in "*?"): continue
+        if head == (prefix.strip("/") + "/" if prefix else "") or (prefix is None and head.endswith("/")): return True
+    return False
+
+def _logs_resource_problems(resource: str, where: str) -> list[str]:
+    "Why a CloudWatch Logs resource is wider than the jobs' log groups (or the instance's own), if it is."
+    m = re.fullmatch(r"arn:aws[\w-]*:logs:[^:]*:[^:]*:log-group:([^:]*)(:.*)?", resource)
+    if not m: return [] if resource == "*" else [f"{where}: logs resource {resource!r} is not a log group"]
+    group = m[1]
+    if group in JOB_LOG_GROUPS.values() or group == INSTANCE_LOG_GROUPS or not any(c in group for c in "*?"): return []
+    return [f"{where}: log group {group!r} is wider than the jobs' log groups ({', '.join(JOB_LOG_GROUPS.values())})"]
 
 def check_policy(policy: dict | str, bucket: Optional[str] = None, prefix: Optional[str] = None,
                  allow_delete: bool = False) -> list[str]:
@@ -231,9 +311,19 @@ def check_policy(policy: dict | str, bucket: Optional[str] = None, prefix: Optio
         for a in actions:
             if a == "*" or a.endswith(":*"): problems.append(f"{where}: action {a!r} allows a whole service")
             elif a.startswith("s3:") and any(c in a for c in "*?"): problems.append(f"{where}: wildcard S3 action {a!r}")
-            elif a.startswith("s3:") and a not in needed: problems.append(f"{where}: S3 action {a!r} is not needed (Get/Put/List only)")
+            elif a == "s3:deleteobject" and a not in needed and not all(_is_replace_resource(r, prefix) for r in resources):
+                problems.append(f"{where}: S3 action {a!r} is only needed below {', '.join(p + '/' for p in JOB_DELETE_PREFIXES)} "
+                                "(or everywhere with --allow-delete)")
+            elif a.startswith("s3:") and a not in needed | {"s3:deleteobject"}:
+                problems.append(f"{where}: S3 action {a!r} is not needed (Get/Put/List only)")
         if any(a == "*" or a.startswith("s3:") for a in actions):
             for r in resources: problems += _s3_resource_problems(r, where, bucket, prefix)
+        if any(a.startswith("logs:") for a in actions):
+            for r in resources: problems += _logs_resource_problems(r, where)
+        if any(a.startswith("sagemaker:") and a not in STAR_RESOURCE_OK for a in actions):
+            every = [r for r in resources if re.search(r":(training|processing)-job/\*$", r)]
+            if every: problems.append(f"{where}: SageMaker job actions on every job ({every[0]}); scope them to the project's "
+                                      "job-name prefix")
         if "*" in resources:
             wide = [a for a in actions if a != "*" and not a.startswith("s3:") and a not in STAR_RESOURCE_OK]
             if wide: problems.append(f"{where}: Resource '*' for {', '.join(wide)}")
@@ -241,39 +331,60 @@ def check_policy(policy: dict | str, bucket: Optional[str] = None, prefix: Optio
             problems.append(f"{where}: iam:PassRole on any role (scope it to the SageMaker role ARN)")
     return problems
 
-# %% ../nbs/07_aws.ipynb #c022
-def _statement_matches(st: dict, action: str, resource: str) -> bool:
-    "Whether a statement covers `action` on `resource`."
+# %% ../nbs/07_aws.ipynb #c026
+def _condition_holds(condition: dict, context: dict) -> bool:
+    "Whether a statement's `Condition` holds for `context` (keys absent from `context` are assumed to hold)."
+    for op, tests in (condition or {}).items():
+        base = op.split(":")[-1].removesuffix("IfExists")
+        for key, wanted in tests.items():
+            if key not in context: continue
+            value, wanted = str(context[key]), [str(w) for w in _as_list(wanted)]
+            if base == "StringEquals": ok = value in wanted
+            elif base == "StringLike": ok = any(fnmatch.fnmatchcase(value, w) for w in wanted)
+            elif base == "StringNotEquals": ok = value not in wanted
+            elif base == "StringNotLike": ok = not any(fnmatch.fnmatchcase(value, w) for w in wanted)
+            else: continue                 # an operator this evaluator does not model: assumed to hold
+            if not ok: return False
+    return True
+
+def _statement_matches(st: dict, action: str, resource: str, context: Optional[dict] = None) -> bool:
+    "Whether a statement covers `action` on `resource` (and its conditions hold for `context`)."
     match = lambda pattern, value, ci: fnmatch.fnmatchcase(value.lower() if ci else value, pattern.lower() if ci else pattern)
     if "Action" in st: ok_action = any(match(p, action, True) for p in _as_list(st["Action"]))
     else: ok_action = not any(match(p, action, True) for p in _as_list(st.get("NotAction")))
     if "Resource" in st: ok_res = any(match(p, resource, False) for p in _as_list(st["Resource"]))
     else: ok_res = not any(match(p, resource, False) for p in _as_list(st.get("NotResource")))
-    return ok_action and ok_res
+    return ok_action and ok_res and _condition_holds(st.get("Condition"), context or {})
 
-def policy_allows(policies: Iterable[dict], action: str, resource: str) -> bool:
-    "Whether the policy documents together allow `action` on `resource`."
+def policy_allows(policies: Iterable[dict], action: str, resource: str, context: Optional[dict] = None) -> bool:
+    "Whether the policy documents together allow `action` on `resource` (conditions checked for keys in `context`)."
     statements = [st for doc in policies for st in _as_list(doc.get("Statement"))]
-    if any(st.get("Effect") == "Deny" and _statement_matches(st, action, resource) for st in statements): return False
-    return any(st.get("Effect") == "Allow" and _statement_matches(st, action, resource) for st in statements)
+    if any(st.get("Effect") == "Deny" and _statement_matches(st, action, resource, context) for st in statements): return False
+    return any(st.get("Effect") == "Allow" and _statement_matches(st, action, resource, context) for st in statements)
 
 def trusts_service(trust: dict, service: str) -> bool:
     "Whether a trust policy lets `service` assume the role."
     return any(st.get("Effect") == "Allow" and service in _as_list((st.get("Principal") or {}).get("Service"))
                and "sts:AssumeRole" in _as_list(st.get("Action")) for st in _as_list(trust.get("Statement")))
 
-def sagemaker_job_needs(bucket: str, prefix: Optional[str] = None, region: str = "us-east-1",
-                        account: str = "123456789012") -> list[tuple[str, str]]:
-    "The (action, resource) pairs a SageMaker job of this project performs."
-    key = lambda k: f"arn:aws:s3:::{bucket}/" + "/".join(p for p in (prefix, k) if p)
-    logs = f"arn:aws:logs:{region}:{account}:log-group:/aws/sagemaker/TrainingJobs"
-    image = f"arn:aws:ecr:{region}:763104351884:repository/pytorch-training"
-    return [("s3:ListBucket", f"arn:aws:s3:::{bucket}"), ("s3:GetObject", key("data/processed/train_4class.csv")),
-            ("s3:PutObject", key("results/transformer/model_metrics.json")), ("logs:CreateLogStream", f"{logs}:log-stream:job"),
-            ("logs:PutLogEvents", f"{logs}:log-stream:job"), ("ecr:GetAuthorizationToken", "*"),
-            ("ecr:BatchGetImage", image), ("ecr:GetDownloadUrlForLayer", image)]
+S3_MODE_ACTIONS = {"r": "s3:GetObject", "w": "s3:PutObject", "d": "s3:DeleteObject"}
+DLC_ACCOUNT = "763104351884"   # the account of the SageMaker framework images in most regions
 
-# %% ../nbs/07_aws.ipynb #c025
+def sagemaker_job_needs(bucket: str, prefix: Optional[str] = None, region: str = "us-east-1",
+                        account: str = "123456789012", image_uri: Optional[str] = None) -> list[tuple[str, str]]:
+    "The (action, resource) pairs SageMaker Training and Processing jobs of this project perform."
+    needs = [("s3:ListBucket", f"arn:aws:s3:::{bucket}")]
+    needs += [(S3_MODE_ACTIONS[m], _object_arn(bucket, prefix, f"{p}/x")) for p, mode in JOB_STORE_ACCESS.items() for m in mode]
+    for group in JOB_LOG_GROUPS.values():
+        arn = f"arn:aws:logs:{region}:{account}:log-group:{group}"
+        needs += [("logs:CreateLogGroup", arn), ("logs:DescribeLogStreams", f"{arn}:*"),
+                  ("logs:CreateLogStream", f"{arn}:log-stream:job/algo-1-1"), ("logs:PutLogEvents", f"{arn}:log-stream:job/algo-1-1")]
+    image = job_image_repositories(image_uri)[0] if image_uri else f"arn:aws:ecr:{region}:{DLC_ACCOUNT}:repository/{FRAMEWORK_IMAGE_REPOSITORY}"
+    needs += [("cloudwatch:PutMetricData", "*"), ("ecr:GetAuthorizationToken", "*")]
+    needs += [(a, image) for a in ("ecr:BatchCheckLayerAvailability", "ecr:GetDownloadUrlForLayer", "ecr:BatchGetImage")]
+    return needs
+
+# %% ../nbs/07_aws.ipynb #c029
 def _yaml_scalar(value) -> str:
     "A value as a one-line YAML scalar."
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True)
@@ -312,7 +423,7 @@ def set_yaml_scalars(path: str | Path, values: dict) -> list[str]:
     atomic_write_bytes(path, new_text.encode("utf-8"))
     return changed
 
-# %% ../nbs/07_aws.ipynb #c028
+# %% ../nbs/07_aws.ipynb #c032
 SAGEMAKER_POLICY_NAME = "nlpmt-sagemaker-jobs"
 EC2_POLICY_NAME = "nlpmt-ec2-workstation"
 MANAGED_TAG = "nlpmt:project"
@@ -341,7 +452,7 @@ def aws_tags(config, extra: Optional[dict] = None) -> list[dict]:
     tags = {**config.project.tags, MANAGED_TAG: config.project.name, **(extra or {})}
     return [{"Key": k, "Value": str(v)} for k, v in tags.items()]
 
-# %% ../nbs/07_aws.ipynb #c029
+# %% ../nbs/07_aws.ipynb #c033
 def tls_only_statement(bucket: str) -> dict:
     "Bucket-policy statement that denies any request not made over TLS."
     return {"Sid": "NlpmtDenyInsecureTransport", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
@@ -389,7 +500,7 @@ def ensure_bucket(s3, bucket: str, region: str, require_tls: bool = False) -> li
     else: done.append("bucket policy already requires TLS")
     return done
 
-# %% ../nbs/07_aws.ipynb #c030
+# %% ../nbs/07_aws.ipynb #c034
 def _policy_doc(doc) -> dict:
     "A policy document from IAM (boto3 returns it parsed, some tools URL-encoded)."
     if isinstance(doc, str):
@@ -437,7 +548,7 @@ def ensure_instance_profile(iam, name: str, role_name: str, tags: list[dict]) ->
         iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=role_name); done.append(f"added role {role_name} to {name}")
     return profile["Arn"], done
 
-# %% ../nbs/07_aws.ipynb #c031
+# %% ../nbs/07_aws.ipynb #c035
 def bootstrap(config, bucket: str, prefix: Optional[str] = None, allow_delete: bool = False,
               write_config: bool = True, require_tls: bool = False) -> dict:
     "Create (idempotently) the bucket, the SageMaker role, the EC2 role and instance profile; record them in the config."
@@ -445,9 +556,9 @@ def bootstrap(config, bucket: str, prefix: Optional[str] = None, allow_delete: b
     prefix = check_key(prefix or "", allow_empty=True) or None
     account = boto_client("sts", region).get_caller_identity()["Account"]
     s3, iam, tags = boto_client("s3", region), boto_client("iam", region), aws_tags(config)
-    sagemaker_doc = sagemaker_role_policy(bucket, prefix, allow_delete)
+    sagemaker_doc = sagemaker_role_policy(bucket, prefix, allow_delete, config.project.image_uri)
     sagemaker_arn = f"arn:aws:iam::{account}:role/{names.sagemaker_role}"
-    ec2_doc = ec2_role_policy(bucket, sagemaker_arn, prefix, allow_delete)
+    ec2_doc = ec2_role_policy(bucket, sagemaker_arn, prefix, allow_delete, project_name=config.project.name)
     for doc in (sagemaker_doc, ec2_doc):   # never install a policy our own checker would flag
         problems = check_policy(doc, bucket, prefix, allow_delete)
         if problems: raise RuntimeError("generated policy is over-broad: " + "; ".join(problems))
@@ -466,7 +577,7 @@ def bootstrap(config, bucket: str, prefix: Optional[str] = None, allow_delete: b
         load_config(config.config_dir)   # the edited configs still validate
     return result
 
-# %% ../nbs/07_aws.ipynb #c033
+# %% ../nbs/07_aws.ipynb #c037
 DLAMI_NAME_PATTERN = "Deep Learning*AMI*PyTorch*Ubuntu*"
 USER_DATA_MARKER = "# --- nlpmt parameters (written by `nlpmt aws ec2 launch`) ---"
 DEFAULT_SRC = "https://github.com/nlpmt/nlpmt.git"
@@ -502,7 +613,7 @@ def render_user_data(params: dict) -> str:
     if len(out.encode()) > 16384: raise ValueError(f"user data is {len(out.encode())} bytes; EC2 allows 16384")
     return out
 
-# %% ../nbs/07_aws.ipynb #c037
+# %% ../nbs/07_aws.ipynb #c041
 def ensure_ssh_group(ec2, name: str, cidr: str, tags: list[dict]) -> str:
     "A security group in the default VPC that lets only `cidr` reach port 22. Returns its id."
     from botocore.exceptions import ClientError
@@ -573,7 +684,7 @@ def launch_instance(config, store: Optional[str] = None, instance_type: Optional
                 ami_name=image.get("Name"), store=store, state=instance["State"]["Name"], usd_per_hour=rate,
                 security_groups=groups, key_name=key_name)
 
-# %% ../nbs/07_aws.ipynb #c038
+# %% ../nbs/07_aws.ipynb #c042
 def _tag(instance: dict, key: str, default=None):
     "A tag value of an EC2 instance."
     return next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == key), default)
@@ -633,7 +744,7 @@ def terminate_instance(config, instance_id: str) -> str:
     _project_instance(ec2, config, instance_id)
     return ec2.terminate_instances(InstanceIds=[instance_id])["TerminatingInstances"][0]["CurrentState"]["Name"]
 
-# %% ../nbs/07_aws.ipynb #c040
+# %% ../nbs/07_aws.ipynb #c044
 EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
 
 def budget_notifications(actual_pct: float = 80.0, forecast_pct: float = 100.0) -> list[dict]:
@@ -671,7 +782,7 @@ def ensure_budget(limit_usd: float, email: str, name: str, actual_pct: float = 8
         done.append(f"alert {rule['NotificationType'].lower()} > {rule['Threshold']:g}% goes to {email}")
     return dict(account=account, name=name, limit_usd=limit_usd, email=email, actions=done)
 
-# %% ../nbs/07_aws.ipynb #c042
+# %% ../nbs/07_aws.ipynb #c046
 @dataclass
 class Check:
     "One doctor check: its name, whether it passed, what was found, and the fix when it failed."
@@ -753,8 +864,9 @@ def _role_policies(iam, role_name: str) -> list[dict]:
             docs.append(_policy_doc(iam.get_policy_version(PolicyArn=att["PolicyArn"], VersionId=version)["PolicyVersion"]["Document"]))
     return docs
 
-def _check_role(role_arn: Optional[str], bucket: str, prefix: Optional[str], region: str, account: str, fix: str) -> Check:
-    "The SageMaker role exists, trusts SageMaker and its policies allow what jobs need."
+def _check_role(role_arn: Optional[str], bucket: str, prefix: Optional[str], region: str, account: str, fix: str,
+                image_uri: Optional[str] = None) -> Check:
+    "The SageMaker role exists, trusts SageMaker and its policies allow what jobs need (`sagemaker_job_needs`)."
     from botocore.exceptions import ClientError
     name = "SageMaker role"
     if not role_arn: return Check(name, False, "project.role_arn is not set", fix)
@@ -765,12 +877,12 @@ def _check_role(role_arn: Optional[str], bucket: str, prefix: Optional[str], reg
     if not trusts_service(_policy_doc(role["AssumeRolePolicyDocument"]), "sagemaker.amazonaws.com"):
         return Check(name, False, f"{role_name} does not trust sagemaker.amazonaws.com", fix)
     docs = _role_policies(iam, role_name)
-    missing = [f"{a} on {r}" for a, r in sagemaker_job_needs(bucket, prefix, region, account) if not policy_allows(docs, a, r)]
+    missing = [f"{a} on {r}" for a, r in sagemaker_job_needs(bucket, prefix, region, account, image_uri) if not policy_allows(docs, a, r)]
     if missing: return Check(name, False, f"{role_name} does not allow: {'; '.join(missing)}", fix)
     broad = [p for d in docs for p in check_policy(d, bucket, prefix)]
     return Check(name, True, f"{role_name} allows what jobs need" + (f" (but over-broad: {broad[0]}{' …' if len(broad) > 1 else ''})" if broad else ""))
 
-# %% ../nbs/07_aws.ipynb #c043
+# %% ../nbs/07_aws.ipynb #c047
 def doctor_checks(config_dir: Optional[str] = None, overrides: Iterable[str] = (), store: Optional[str] = None,
                   local: Optional[str] = None) -> list[Check]:
     "Run the migration checklist; each check says what it found and how to fix it."
@@ -805,7 +917,8 @@ def doctor_checks(config_dir: Optional[str] = None, overrides: Iterable[str] = (
             checks.append(Check(f"sync up {uri}", not pending, f"{len(pending)} file(s) not uploaded: {', '.join(pending[:5])}"
                                 f"{' …' if len(pending) > 5 else ''}" if pending else "nothing pending", sync_fix if pending else ""))
         except Exception as e: checks.append(Check(f"sync up {uri}", False, f"{type(e).__name__}: {e}", sync_fix))
-    checks.append(_check_role(config.project.role_arn, bucket, prefix or None, region, account, fix_bootstrap))
+    checks.append(_check_role(config.project.role_arn, bucket, prefix or None, region, account, fix_bootstrap,
+                              config.project.image_uri))
     return checks
 
 def format_checks(checks: list[Check]) -> str:
@@ -818,7 +931,7 @@ def format_checks(checks: list[Check]) -> str:
     lines.append(f"{passed}/{len(checks)} checks passed" + ("" if passed == len(checks) else " — not ready for the cloud yet"))
     return "\n".join(lines)
 
-# %% ../nbs/07_aws.ipynb #c047
+# %% ../nbs/07_aws.ipynb #c051
 def _config(args):
     "The effective config for parsed arguments."
     from nlpmt.cli import config_from_args
@@ -834,11 +947,13 @@ def cmd_policy(args) -> int:
     bucket = args.bucket or config().project.bucket
     if not bucket: raise ValueError("--bucket is required (no project.bucket in the config)")
     if args.role == "sagemaker":
-        permissions, trust = sagemaker_role_policy(bucket, args.prefix, args.allow_delete), trust_policy("sagemaker.amazonaws.com")
+        permissions = sagemaker_role_policy(bucket, args.prefix, args.allow_delete, config().project.image_uri)
+        trust = trust_policy("sagemaker.amazonaws.com")
     else:
         role_arn = args.sagemaker_role_arn or config().project.role_arn or \
             f"arn:aws:iam::*:role/{aws_names(config().project.name).sagemaker_role}"
-        permissions, trust = ec2_role_policy(bucket, role_arn, args.prefix, args.allow_delete), trust_policy("ec2.amazonaws.com")
+        permissions = ec2_role_policy(bucket, role_arn, args.prefix, args.allow_delete, project_name=config().project.name)
+        trust = trust_policy("ec2.amazonaws.com")
     _print_json({"permissions": permissions, "trust": trust} if args.part == "all" else permissions if args.part == "permissions" else trust)
     return 0
 
@@ -864,7 +979,7 @@ def cmd_bootstrap(args) -> int:
         print(f"{result['config_file']}: " + (f"set {', '.join(result['config_changed'])}" if result["config_changed"] else "already up to date"))
     return 0
 
-# %% ../nbs/07_aws.ipynb #c048
+# %% ../nbs/07_aws.ipynb #c052
 def cmd_ec2_launch(args) -> int:
     "Launch the JupyterLab instance."
     r = launch_instance(_config(args), args.store, args.instance_type, args.spot, args.key_name, args.ami,
@@ -914,7 +1029,7 @@ def cmd_budget(args) -> int:
     print(f"budget {r['name']}: ${r['limit_usd']:.2f}/month for account {r['account']}, alerts to {r['email']}")
     return 0
 
-# %% ../nbs/07_aws.ipynb #c049
+# %% ../nbs/07_aws.ipynb #c053
 def cmd_cost_estimate(args) -> int:
     "Print what a run costs."
     e = estimate_cost(args.instance_type, args.hours, args.spot, args.models)
@@ -940,7 +1055,7 @@ def cmd_doctor(args) -> int:
     else: print(format_checks(checks))
     return 0 if all(c.ok for c in checks) else 1
 
-# %% ../nbs/07_aws.ipynb #c050
+# %% ../nbs/07_aws.ipynb #c054
 def _leaf(sub, name, func, help, description=None):
     "A sub-command parser with the shared config options."
     from nlpmt.cli import add_config_options

@@ -18,6 +18,8 @@ from .core import load_config, project_root, model_short_name, git_commit, Confi
 from .storage import open_store, Store, LocalStore, S3Store, join_key, sync, split_key, DATA_REPORT_KEY, SPLITS, StoreError
 from .runner import (STAGES, ParameterError, stage_notebook, stage_name, notebook_parameters, check_parameters,
                           describe_parameters, new_run_id, notebook_key, METRIC_DEFINITIONS)
+from .aws import (JOB_LOG_GROUPS, JOB_CODE_PREFIX, JOB_OUTPUT_PREFIX, JOB_CHECKPOINT_PREFIX, JOB_NAME_HEAD,
+                       job_name_prefix, job_cost, instance_price, asset_path)
 
 # %% auto #0
 __all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'BUNDLE_SKIP', 'JOB_SCRIPT', 'TERMINAL', 'LOG_GROUPS', 'PIPELINE',
@@ -26,10 +28,10 @@ __all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'BUNDLE_SKIP', 'JOB_SCRIPT', '
            'local_checkpoint_dir', 'prepare_local_job', 'run_local', 'JobInterrupted', 'project_root_or_cwd',
            'visible_gpus', 'run_local_many', 'bundle_requirements', 'make_bundle', 'bundle_stage_arg', 'SubmittedJob',
            'sagemaker_session', 'image_uri', 'job_tags', 'job_environment', 'check_cloud_job', 'submit_sagemaker',
-           'JobStatus', 'sagemaker_client', 'describe_job', 'job_cost_info', 'list_jobs', 'stop_job', 'log_events',
-           'wait_for_job', 'format_table', 'results_table', 'print_summary', 'pipeline_stages', 'run_pipeline',
-           'run_sagemaker_many', 'cmd_run', 'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status', 'cmd_jobs_logs',
-           'cmd_jobs_stop', 'register_cli']
+           'JobStatus', 'sagemaker_client', 'describe_job', 'list_jobs', 'stop_job', 'log_events', 'job_cost_info',
+           'format_cost_lines', 'wait_for_job', 'format_table', 'results_table', 'print_summary', 'pipeline_stages',
+           'run_pipeline', 'run_sagemaker_many', 'cmd_run', 'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status',
+           'cmd_jobs_logs', 'cmd_jobs_stop', 'register_cli']
 
 # %% ../nbs/06_jobs.ipynb #c006
 _issued_tokens: set[str] = set()
@@ -45,7 +47,7 @@ def job_base_name(project: str, what: str) -> str:
         while True:
             token = uuid.uuid4().hex[:6]
             if token not in _issued_tokens: _issued_tokens.add(token); break
-    head = f"{_name_part(project)}-{_name_part(what)}"[:63 - 15 - 7].rstrip("-")
+    head = f"{job_name_prefix(project)}-{_name_part(what)}"[:JOB_NAME_HEAD].rstrip("-")
     return f"{head}-{token}"
 
 def with_timestamp(base: str, when: Optional[float] = None) -> str:
@@ -154,7 +156,7 @@ class JobResult:
 
 def checkpoint_prefix(spec: JobSpec) -> str:
     "Store prefix of a job's checkpoints: `models/checkpoints/{run_id}/{name}`."
-    return f"models/checkpoints/{spec.run_id}/{spec.name}"
+    return f"{JOB_CHECKPOINT_PREFIX}/{spec.run_id}/{spec.name}"
 
 def _link_channels(store: Store, folder: Path) -> dict[str, Path]:
     "Put the processed splits into `input/data/{train,val,test}` (links for a local store), as SageMaker channels do."
@@ -195,7 +197,7 @@ def local_job_env(spec: JobSpec, root: Path, channels: dict[str, Path], gpu: Opt
 def local_checkpoint_dir(spec: JobSpec) -> Optional[Path]:
     "For a local store, its `models/checkpoints` folder (checkpoints persist there, so a rerun resumes); else None."
     store = open_store(spec.store)
-    return store.local_path("models/checkpoints") if isinstance(store, LocalStore) else None
+    return store.local_path(JOB_CHECKPOINT_PREFIX) if isinstance(store, LocalStore) else None
 
 def prepare_local_job(spec: JobSpec, root: Path, gpu: Optional[str] = None) -> tuple[list[str], dict]:
     "Lay out `root` like `/opt/ml` for `spec`; return the runner command and its environment."
@@ -407,7 +409,7 @@ def sagemaker_session(store: S3Store, config, boto_session=None):
     from sagemaker.core.helper.session_helper import Session
     boto_session = boto_session or boto3.session.Session(region_name=config.project.region)
     return Session(boto_session=boto_session, default_bucket=store.bucket,
-                   default_bucket_prefix=join_key(store.prefix, "code") or None)
+                   default_bucket_prefix=join_key(store.prefix, JOB_CODE_PREFIX) or None)
 
 def image_uri(config, instance_type: str) -> str:
     "The job image: `project.image_uri`, else the SageMaker PyTorch framework image for the instance type."
@@ -508,7 +510,7 @@ def _submit_training(spec, config, session, bundle, args, itype, spot, role, sto
         source_code=SourceCode(source_dir=str(bundle), command="bash nlpmt_job.sh", args=args),
         compute=Compute(instance_type=itype, instance_count=p.instance_count, enable_managed_spot_training=bool(spot)),
         stopping_condition=stopping,
-        output_data_config=OutputDataConfig(s3_output_path=store.url("models/output")),
+        output_data_config=OutputDataConfig(s3_output_path=store.url(JOB_OUTPUT_PREFIX)),
         checkpoint_config=CheckpointConfig(s3_uri=store.url(checkpoint_prefix(spec)), local_path="/opt/ml/checkpoints"),
         hyperparameters={k: as_string(v) for k, v in _cloud_params(spec).items()},
         environment=job_environment(spec),
@@ -535,7 +537,7 @@ def _submit_processing(spec, config, session, bundle, args, itype, role) -> str:
 
 # %% ../nbs/06_jobs.ipynb #c029
 TERMINAL = ("Completed", "Failed", "Stopped")
-LOG_GROUPS = {"training": "/aws/sagemaker/TrainingJobs", "processing": "/aws/sagemaker/ProcessingJobs"}
+LOG_GROUPS = JOB_LOG_GROUPS   # the groups the execution role may write (nlpmt.aws)
 
 @dataclass
 class JobStatus:
@@ -605,23 +607,6 @@ def describe_job(name: str, client=None) -> JobStatus:
                      cc.get("InstanceCount", 1), False, d.get("CreationTime"), d.get("ProcessingStartTime"),
                      d.get("ProcessingEndTime"), None, None, {}, d.get("Environment", {}))
 
-def job_cost_info(st: JobStatus) -> dict:
-    "Billable seconds, cost at the configured price table and spot savings (cost is None without `nlpmt.aws`)."
-    billable = st.billable_seconds if st.billable_seconds is not None else st.run_seconds
-    info = {"billable_seconds": billable, "usd": None, "on_demand_usd": None, "spot_savings_pct": None, "note": ""}
-    if st.spot and st.training_seconds and st.billable_seconds is not None:
-        info["spot_savings_pct"] = round(100 * (1 - st.billable_seconds / st.training_seconds), 1)
-    try:
-        from nlpmt.aws import job_cost
-    except ImportError:
-        info["note"] = "cost unavailable: nlpmt.aws is not installed"; return info
-    if billable is None or not st.instance_type: return info
-    try:
-        info["usd"] = job_cost(st.instance_type, billable, st.spot, st.instance_count)
-        if st.spot and st.training_seconds: info["on_demand_usd"] = job_cost(st.instance_type, st.training_seconds, False, st.instance_count)
-    except Exception as e: info["note"] = f"cost unavailable: {e}"
-    return info
-
 def list_jobs(client=None, name_contains: str = "", limit: int = 20) -> list[dict]:
     "The newest Training and Processing jobs (name containing `name_contains`), newest first."
     client = client or sagemaker_client()
@@ -665,6 +650,64 @@ def log_events(name: str, kind: str, logs_client=None, tokens: Optional[dict] = 
     return sorted(events)
 
 # %% ../nbs/06_jobs.ipynb #c031
+def job_cost_info(st: JobStatus) -> dict:
+    "What a job cost (or is costing): the seconds and rate used, the on-demand comparison and spot savings, and the assumption made."
+    info = {"billable_seconds": st.billable_seconds, "seconds": None, "seconds_source": None, "usd": None,
+            "on_demand_usd": None, "usd_per_hour": None, "spot_savings_pct": None, "spot_savings_source": None,
+            "estimated": False, "assumption": "", "note": ""}
+    n = st.instance_count or 1
+    times = f" × {n} instances" if n > 1 else ""
+    if st.billable_seconds is not None:
+        seconds, source, discounted = st.billable_seconds, "billable", True
+    else:
+        seconds, source, discounted = st.run_seconds, "wall-clock", False
+    info.update(seconds=seconds, seconds_source=source, estimated=source != "billable")
+    if seconds is None or not st.instance_type:
+        info["note"] = "cost unavailable: the job has not started"; return info
+    try:
+        on_demand_rate = instance_price(st.instance_type)
+        if source == "billable":
+            info["usd"] = job_cost(st.instance_type, seconds, st.spot, n, discounted=True)
+            info["usd_per_hour"] = on_demand_rate
+            info["assumption"] = (f"{seconds} billable s{times} × on-demand ${on_demand_rate:.3f}/h"
+                                  + ("; SageMaker already took the managed-spot discount off the billable seconds" if st.spot else ""))
+            if st.spot and st.training_seconds:
+                info["on_demand_usd"] = job_cost(st.instance_type, st.training_seconds, False, n, discounted=False)
+                info["spot_savings_pct"] = round(100 * (1 - st.billable_seconds / st.training_seconds), 1)
+                info["spot_savings_source"] = "SageMaker: 1 - billable/training seconds"
+        else:
+            rate = instance_price(st.instance_type, spot=st.spot)
+            info["usd"] = job_cost(st.instance_type, seconds, st.spot, n, discounted=False)
+            info["usd_per_hour"] = rate
+            why = ("a processing job reports no billable time" if st.kind == "processing" else
+                   "SageMaker reported no billable time" if st.status in TERMINAL else "no billable time until the job ends")
+            info["assumption"] = (f"estimate: {seconds:.0f} wall-clock s{times} × "
+                                  + (f"typical spot ${rate:.3f}/h (SageMaker bills the actual spot price)" if st.spot
+                                     else f"on-demand ${rate:.3f}/h") + f"; {why}")
+            if st.spot:
+                info["on_demand_usd"] = job_cost(st.instance_type, seconds, False, n, discounted=False)
+                info["spot_savings_pct"] = round(100 * (1 - rate / on_demand_rate), 1)
+                info["spot_savings_source"] = "typical: spot vs on-demand price in the table"
+        info["assumption"] += f" (prices: {asset_path('instance_prices.csv').name})"
+    except ValueError as e: info["note"] = f"cost unavailable: {e}"
+    return info
+
+def format_cost_lines(info: dict) -> list[str]:
+    "The cost part of `nlpmt jobs status`: billable seconds, cost, on-demand comparison, spot savings, assumption."
+    billable = info["billable_seconds"]
+    lines = [f"billable seconds: {billable}" if billable is not None else
+             f"billable seconds: - (none reported; {info['seconds_source'] or 'no'} seconds used)"]
+    if info["usd"] is None:
+        if info["note"]: lines.append(f"cost:             {info['note']}")
+        return lines
+    lines.append(f"cost:             {'~' if info['estimated'] else ''}${info['usd']:.4f}")
+    if info["on_demand_usd"] is not None: lines.append(f"on demand:        {'~' if info['estimated'] else ''}${info['on_demand_usd']:.4f}")
+    if info["spot_savings_pct"] is not None:
+        lines.append(f"spot savings:     {info['spot_savings_pct']:.1f}% ({info['spot_savings_source']})")
+    lines.append(f"assumed:          {info['assumption']}")
+    return lines
+
+# %% ../nbs/06_jobs.ipynb #c034
 def _hms(seconds: Optional[float]) -> str:
     "Seconds as h:mm:ss."
     if seconds is None: return "-"
@@ -687,7 +730,7 @@ def wait_for_job(name: str, client=None, poll: float = 30.0, heartbeat: float = 
         if st.status in TERMINAL: return st
         time.sleep(poll)
 
-# %% ../nbs/06_jobs.ipynb #c033
+# %% ../nbs/06_jobs.ipynb #c036
 def format_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
     "A plain-text table of dict rows."
     if not rows: return "(none)"
@@ -725,7 +768,7 @@ def print_summary(results: list[JobResult], store_uri: str, out=None) -> None:
         print(f"(could not read the results in {store_uri}: {e})", file=out)
     if models: print(f"\nModels in {store_uri} (best validation macro-F1 first)\n" + format_table(models), file=out)
 
-# %% ../nbs/06_jobs.ipynb #c036
+# %% ../nbs/06_jobs.ipynb #c039
 PIPELINE = ("data", "baseline", "transformer", "report")
 
 def _pipeline_params(params: dict, stages: list[str]) -> dict[str, dict]:
@@ -789,7 +832,7 @@ def run_sagemaker_many(specs: list[JobSpec], config, out=None, poll: float = 30.
                                  "sagemaker"))
     return results
 
-# %% ../nbs/06_jobs.ipynb #c038
+# %% ../nbs/06_jobs.ipynb #c041
 def _add_backend_options(p) -> None:
     "Options shared by `run` and `pipeline`."
     from nlpmt.cli import add_config_options
@@ -864,16 +907,11 @@ def cmd_jobs_list(args) -> int:
 def cmd_jobs_status(args) -> int:
     "Show one job: status, failure reason, time, cost, spot savings."
     st = describe_job(args.name, _client(args))
-    cost = job_cost_info(st)
     lines = [f"job:              {st.job_name} ({st.kind})", f"status:           {st.status}"
              + (f" / {st.secondary_status}" if st.secondary_status else "")]
     if st.failure_reason: lines.append(f"failure reason:   {st.failure_reason}")
     lines += [f"instance:         {st.instance_count} x {st.instance_type}{' (spot)' if st.spot else ''}",
-              f"run time:         {_hms(st.run_seconds)}", f"billable seconds: {cost['billable_seconds'] if cost['billable_seconds'] is not None else '-'}"]
-    if cost["usd"] is not None: lines.append(f"cost:             ${cost['usd']:.4f} at the configured rate"
-                                             + (f" (on demand ${cost['on_demand_usd']:.4f})" if cost["on_demand_usd"] is not None else ""))
-    elif cost["note"]: lines.append(f"cost:             {cost['note']}")
-    if cost["spot_savings_pct"] is not None: lines.append(f"spot savings:     {cost['spot_savings_pct']:.1f}%")
+              f"run time:         {_hms(st.run_seconds)}", *format_cost_lines(job_cost_info(st))]
     run_id = st.tags.get("nlpmt:run-id") or st.environment.get("NLPMT_RUN_ID")
     if run_id: lines.append(f"run id:           {run_id} (notebooks in results/notebooks/{run_id}/)")
     print("\n".join(lines))

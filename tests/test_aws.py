@@ -87,10 +87,18 @@ def test_policies_are_least_privilege(capsys, tmp_path):
     assert rc == 0 and aws.check_policy(perms, "my-bucket", "proj") == []
     assert trust["Statement"][0]["Principal"] == {"Service": "sagemaker.amazonaws.com"}
     s3 = [s for s in perms["Statement"] if any(str(a).startswith("s3:") for a in aws._as_list(s["Action"]))]
-    assert {r for s in s3 for r in aws._as_list(s["Resource"])} == {"arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/proj/*"}
-    assert not any(a == "s3:DeleteObject" for s in s3 for a in aws._as_list(s["Action"]))
+    replaced = {f"arn:aws:s3:::my-bucket/proj/{p}/*" for p in ("models/final", "models/checkpoints", "figures/results")}
+    assert {r for s in s3 for r in aws._as_list(s["Resource"])} == {"arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/proj/*"} | replaced
+    # delete only where stages replace their own outputs (final models, rotated checkpoints, stale report figures)
+    deleting = [s for s in s3 if "s3:DeleteObject" in aws._as_list(s["Action"])]
+    assert [s["Sid"] for s in deleting] == ["ReplaceStageOutputs"] and set(deleting[0]["Resource"]) == replaced
     sts = statements(perms)
     assert "ecr:BatchGetImage" in sts["PullImages"]["Action"] and "logs:PutLogEvents" in sts["WriteJobLogs"]["Action"]
+    assert sts["PullImages"]["Resource"] == ["arn:aws:ecr:*:*:repository/pytorch-training"]
+    # both job kinds' log groups (and nothing else under /aws/sagemaker), metrics in the same two namespaces
+    groups = {r.split(":log-group:")[1].split(":")[0] for r in sts["WriteJobLogs"]["Resource"]}
+    assert groups == {"/aws/sagemaker/TrainingJobs", "/aws/sagemaker/ProcessingJobs"}
+    assert set(sts["WriteJobMetrics"]["Condition"]["StringEquals"]["cloudwatch:namespace"]) == groups
     assert sts["ListProjectBucket"]["Condition"] == {"StringLike": {"s3:prefix": ["proj", "proj/*"]}}
 
     role = "arn:aws:iam::123456789012:role/x-sagemaker-execution"
@@ -100,14 +108,44 @@ def test_policies_are_least_privilege(capsys, tmp_path):
     assert rc == 0 and aws.check_policy(ec2, "my-bucket") == []
     passrole = statements(ec2)["PassOnlyTheSageMakerRole"]
     assert passrole["Resource"] == role and passrole["Condition"]["StringEquals"]["iam:PassedToService"] == "sagemaker.amazonaws.com"
-    assert "sagemaker:CreateTrainingJob" in statements(ec2)["RunSageMakerJobs"]["Action"]
+    run_jobs = statements(ec2)["RunSageMakerJobs"]
+    assert {"sagemaker:CreateTrainingJob", "sagemaker:CreateProcessingJob", "sagemaker:StopTrainingJob", "sagemaker:AddTags",
+            "sagemaker:DescribeProcessingJob"} <= set(run_jobs["Action"])
+    project = yaml.safe_load((ROOT/"configs"/"project.yaml").read_text())["name"]
+    assert run_jobs["Resource"] == [f"arn:aws:sagemaker:*:*:training-job/{project}-*", f"arn:aws:sagemaker:*:*:processing-job/{project}-*"]
+    assert {r.split(":log-group:")[1].split(":")[0] for r in statements(ec2)["ReadJobLogs"]["Resource"]} == \
+        {"/aws/sagemaker/TrainingJobs", "/aws/sagemaker/ProcessingJobs"}
     rc, out, _ = run(capsys, "aws", "policy", "ec2", "--bucket", "my-bucket", "--part", "trust", "--config-dir", ROOT/"configs")
     assert json.loads(out)["Statement"][0]["Principal"]["Service"] == "ec2.amazonaws.com"
     # --allow-delete adds exactly s3:DeleteObject on the objects, and the checker accepts it only when allowed
     deleting = aws.sagemaker_role_policy("my-bucket", allow_delete=True)
     assert "s3:DeleteObject" in statements(deleting)["ReadWriteProjectObjects"]["Action"]
     assert aws.check_policy(deleting, "my-bucket", allow_delete=True) == []
-    assert aws.check_policy(deleting, "my-bucket") == ["statement ReadWriteProjectObjects: S3 action 's3:deleteobject' is not needed (Get/Put/List only)"]
+    assert aws.check_policy(deleting, "my-bucket") == ["statement ReadWriteProjectObjects: S3 action 's3:deleteobject' is only "
+                                                       "needed below figures/results/, models/final/, models/checkpoints/ (or everywhere with --allow-delete)"]
+    # a custom image: pulls only from its repository
+    custom = aws.sagemaker_role_policy("my-bucket", image_uri="123456789012.dkr.ecr.eu-west-1.amazonaws.com/nlpmt:1")
+    assert statements(custom)["PullImages"]["Resource"] == ["arn:aws:ecr:eu-west-1:123456789012:repository/nlpmt"]
+
+
+def test_generated_policy_covers_every_job_need_and_the_doctor_notices_a_missing_one():
+    needs = aws.sagemaker_job_needs("my-bucket", "proj")
+    policy = aws.sagemaker_role_policy("my-bucket", "proj")
+    assert all(aws.policy_allows([policy], a, r) for a, r in needs)
+    # every store prefix in the shared definition, both log groups and the image repository are needs
+    assert {r.split("/proj/")[1].rsplit("/", 1)[0] for a, r in needs if a.startswith("s3:") and "/proj/" in r} == set(aws.JOB_STORE_ACCESS)
+    assert {r.split(":log-group:")[1].split(":")[0] for a, r in needs if a.startswith("logs:")} == set(aws.JOB_LOG_GROUPS.values())
+    # the policy as first written: logs only for Training jobs; Processing jobs could not write theirs
+    old = aws.sagemaker_role_policy("my-bucket", "proj")
+    statements(old)["WriteJobLogs"]["Resource"] = [r for r in statements(old)["WriteJobLogs"]["Resource"] if "TrainingJobs" in r]
+    missing = [(a, r) for a, r in needs if not aws.policy_allows([old], a, r)]
+    assert missing and all("/aws/sagemaker/ProcessingJobs" in r for _, r in missing)
+    assert {a for a, _ in missing} == {"logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"}
+    # no delete outside the replaced outputs, no listing outside the prefix
+    assert not aws.policy_allows([policy], "s3:DeleteObject", "arn:aws:s3:::my-bucket/proj/results/baseline/logreg_metrics.json")
+    assert not aws.policy_allows([policy], "s3:DeleteObject", "arn:aws:s3:::my-bucket/proj/data/processed/train_4class.csv")
+    assert aws.policy_allows([policy], "s3:ListBucket", "arn:aws:s3:::my-bucket", {"s3:prefix": "proj/code/x"})
+    assert not aws.policy_allows([policy], "s3:ListBucket", "arn:aws:s3:::my-bucket", {"s3:prefix": "other/"})
 
 
 @pytest.mark.parametrize("planted, message", [
@@ -119,6 +157,9 @@ def test_policies_are_least_privilege(capsys, tmp_path):
     ({"Sid": "Planted", "Effect": "Allow", "Action": "*", "Resource": "*"}, "allows a whole service"),
     ({"Sid": "Planted", "Effect": "Allow", "Action": "iam:PassRole", "Resource": "*"}, "iam:PassRole on any role"),
     ({"Sid": "Planted", "Effect": "Allow", "NotAction": "iam:*", "Resource": "*"}, "NotAction"),
+    ({"Sid": "Planted", "Effect": "Allow", "Action": "s3:DeleteObject", "Resource": "arn:aws:s3:::my-bucket/results/*"}, "only needed below"),
+    ({"Sid": "Planted", "Effect": "Allow", "Action": "logs:PutLogEvents", "Resource": "arn:aws:logs:*:*:log-group:*"}, "wider than the jobs' log groups"),
+    ({"Sid": "Planted", "Effect": "Allow", "Action": "sagemaker:StopTrainingJob", "Resource": "arn:aws:sagemaker:*:*:training-job/*"}, "on every job"),
 ])
 def test_check_policy_flags_planted_over_broad_statement(capsys, tmp_path, planted, message):
     doc = aws.sagemaker_role_policy("my-bucket")
@@ -418,6 +459,14 @@ def test_doctor_turns_each_cross_into_a_tick(aws_env, project, capsys, monkeypat
     iam.put_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME, PolicyDocument=json.dumps(doc))
     rc, checks = doctor(capsys, project, uri)
     assert rc == 1 and "does not allow: s3:PutObject" in checks["SageMaker role"]["detail"]
+    # a role whose logs cover only Training jobs (Processing jobs log to their own group) is a ✗ too
+    doc = aws.sagemaker_role_policy(bucket, "proj")
+    statements(doc)["WriteJobLogs"]["Resource"] = [r for r in statements(doc)["WriteJobLogs"]["Resource"] if "TrainingJobs" in r]
+    iam.put_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME, PolicyDocument=json.dumps(doc))
+    rc, checks = doctor(capsys, project, uri)
+    detail = checks["SageMaker role"]["detail"]
+    assert rc == 1 and "logs:PutLogEvents on arn:aws:logs:us-east-1:123456789012:log-group:/aws/sagemaker/ProcessingJobs" in detail
+    assert "TrainingJobs" not in detail
     apply_fix(capsys, checks["SageMaker role"]["fix"])
     rc, out, _ = run(capsys, "doctor", "--store", uri, "--config-dir", project/"configs")
     assert rc == 0 and out.count("✓") == 7 and "✗" not in out and "7/7 checks passed" in out

@@ -1,15 +1,19 @@
 """The SageMaker backend and `nlpmt jobs` against a moto server: the requests the SDK really sends are captured
 with a botocore hook on the session it uses (moto drops several request fields from its Describe answers)."""
-import json, re, time
+import base64, datetime, json, os, re, subprocess, sys, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 import boto3
 import pytest
+from nlpmt import aws
 from nlpmt.cli import main
 from nlpmt.core import load_config, sha256_bytes
 from nlpmt.storage import S3Store
-from nlpmt.jobs import plan_jobs, submit_sagemaker, describe_job, job_cost_info, run_local, JobStatus, checkpoint_prefix
+from nlpmt.jobs import (plan_jobs, submit_sagemaker, describe_job, job_cost_info, format_cost_lines, run_local, JobStatus,
+                        checkpoint_prefix, LOG_GROUPS)
 from nlpmt.runner import METRIC_DEFINITIONS, log_metrics
+from conftest import free_port, _wait_http
 
 pytestmark = pytest.mark.aws
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +106,99 @@ def test_processing_job_request(store_uri, captured):
     assert req["Environment"]["NLPMT_RUN_ID"] == spec.run_id
 
 
+def s3_uris(value) -> list[str]:
+    "Every s3:// URI anywhere in a request (fields, hyper-parameters, container arguments)."
+    if isinstance(value, dict): return [u for v in value.values() for u in s3_uris(v)]
+    if isinstance(value, list): return [u for v in value for u in s3_uris(v)]
+    return [value] if isinstance(value, str) and value.startswith("s3://") else []
+
+
+def object_arn(uri: str, below: str = "") -> str:
+    "The ARN of an object at (or below) an s3:// URI."
+    bucket, _, key = uri[5:].partition("/")
+    return f"arn:aws:s3:::{bucket}/" + "/".join(p for p in (key.rstrip("/"), below) if p)
+
+
+def denied(policy: dict, needs) -> list:
+    "The (action, resource, context) needs the policy does not allow (judged by nlpmt's own evaluator)."
+    return [n for n in needs if not aws.policy_allows([policy], *n)]
+
+
+def job_needs(op: str, req: dict) -> list[tuple]:
+    "What the execution role must be allowed for a captured Create* request: every S3 URI in it, its log group, its image."
+    kind = "training" if op == "CreateTrainingJob" else "processing"
+    name = req["TrainingJobName"] if kind == "training" else req["ProcessingJobName"]
+    needs = []
+    for uri in s3_uris(req):
+        bucket, _, key = uri[5:].partition("/")
+        needs += [("s3:ListBucket", f"arn:aws:s3:::{bucket}", {"s3:prefix": key}),
+                  ("s3:GetObject", object_arn(uri, "x"), None), ("s3:PutObject", object_arn(uri, "x"), None)]
+    if kind == "training":   # SageMaker deletes the checkpoints the trainer rotates out
+        needs.append(("s3:DeleteObject", object_arn(req["CheckpointConfig"]["S3Uri"], "checkpoint-1/model.safetensors"), None))
+    group = f"arn:aws:logs:us-east-1:123456789012:log-group:{LOG_GROUPS[kind]}"
+    needs += [("logs:CreateLogGroup", group, None), ("logs:CreateLogStream", f"{group}:log-stream:{name}/algo-1-1", None),
+              ("logs:PutLogEvents", f"{group}:log-stream:{name}/algo-1-1", None)]
+    image = req["AlgorithmSpecification"]["TrainingImage"] if kind == "training" else req["AppSpecification"]["ImageUri"]
+    needs += [(a, aws.ecr_repository_arn(image), None) for a in ("ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer")]
+    return needs
+
+
+def launcher_needs(op: str, req: dict) -> list[tuple]:
+    "What the workstation role must be allowed to start, follow and stop the job of a captured request."
+    kind = "training" if op == "CreateTrainingJob" else "processing"
+    Kind = kind.capitalize()
+    name = req[f"{Kind}JobName"]
+    job = f"arn:aws:sagemaker:us-east-1:123456789012:{kind}-job/{name}"
+    group = f"arn:aws:logs:us-east-1:123456789012:log-group:{LOG_GROUPS[kind]}"
+    return [(f"sagemaker:{verb}{Kind}Job", job, None) for verb in ("Create", "Describe", "Stop")] + \
+           [("sagemaker:AddTags", job, None), ("sagemaker:ListTags", job, None),
+            ("iam:PassRole", req["RoleArn"], {"iam:PassedToService": "sagemaker.amazonaws.com"}),
+            ("logs:DescribeLogStreams", f"{group}:*", None), ("logs:GetLogEvents", f"{group}:log-stream:{name}/algo-1-1", None)]
+
+
+def test_job_requests_stay_inside_the_generated_role_policies(store_uri, captured):
+    """Every S3 location, log group and image a Training or Processing job is given, and every object the SDK uploads
+    for it, is allowed by the policies `nlpmt aws policy` generates for the store: if nlpmt.jobs starts writing
+    elsewhere (another bucket, a prefix outside the store, a new log group), this fails."""
+    session, requests = captured
+    uploads = []
+    session.events.register("provide-client-params.s3.PutObject", lambda params, **kw: uploads.append((params["Bucket"], params["Key"])))
+    session.events.register("provide-client-params.s3.CreateMultipartUpload", lambda params, **kw: uploads.append((params["Bucket"], params["Key"])))
+    config = load_config(overrides=OVERRIDES)
+    training = plan_jobs(OK, {"n_rows": "5"}, store=store_uri, config=config, kind="training", models=["bert-base-uncased"])[0]
+    processing = plan_jobs(OK, {"n_rows": "5"}, store=store_uri, config=config)[0]
+    for spec in (training, processing): submit_sagemaker(spec, config, role=ROLE, boto_session=session)
+    assert [op for op, _ in requests] == ["CreateTrainingJob", "CreateProcessingJob"]
+
+    bucket, prefix = store_uri[5:].split("/", 1)
+    role_policy = aws.sagemaker_role_policy(bucket, prefix)
+    ec2_policy = aws.ec2_role_policy(bucket, ROLE, prefix, project_name=config.project.name)
+    assert aws.check_policy(role_policy, bucket, prefix) == [] and aws.check_policy(ec2_policy, bucket, prefix) == []
+    for op, req in requests:
+        uris = s3_uris(req)
+        assert uris and all(u == store_uri or u.startswith(store_uri + "/") for u in uris), uris   # only the store
+        # channels, code, output path, checkpoints, the store argument: all inside what the role may read and write
+        assert any(u.startswith(f"{store_uri}/code/") for u in uris) and f"{store_uri}" in uris
+        assert denied(role_policy, job_needs(op, req)) == []
+        assert denied(ec2_policy, launcher_needs(op, req)) == []
+    assert {aws.store_access(k[len(prefix) + 1:]) for _, k in uploads} == {"r"}     # code bundles land in code/ only
+    upload_needs = [("s3:PutObject", f"arn:aws:s3:::{b}/{k}", None) for b, k in uploads]
+    assert uploads and denied(ec2_policy, upload_needs) == []                         # the workstation uploads them
+    assert denied(role_policy, [("s3:GetObject", r, c) for _, r, c in upload_needs]) == []   # the job reads them
+
+    # the checks are not vacuous: a policy for another prefix, the first policy (Training logs only), another
+    # project's workstation policy and a different execution role are all refused
+    op, req = requests[1]
+    assert denied(aws.sagemaker_role_policy(bucket, "elsewhere"), job_needs(op, req))
+    old = aws.sagemaker_role_policy(bucket, prefix)
+    for st in old["Statement"]:
+        if st["Sid"] == "WriteJobLogs": st["Resource"] = [r for r in st["Resource"] if "TrainingJobs" in r]
+    assert {a for a, _, _ in denied(old, job_needs(op, req))} == {"logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"}
+    assert denied(aws.ec2_role_policy(bucket, ROLE, prefix, project_name="other-project"), launcher_needs(op, req))
+    other_role = aws.ec2_role_policy(bucket, "arn:aws:iam::123456789012:role/other", prefix, project_name=config.project.name)
+    assert [a for a, _, _ in denied(other_role, launcher_needs(op, req))] == ["iam:PassRole"]
+
+
 def test_names_stay_unique_when_jobs_start_in_the_same_second(store_uri, captured):
     session, requests = captured
     config = load_config(overrides=OVERRIDES)
@@ -131,7 +228,8 @@ def test_cli_run_prints_job_and_results_location_then_jobs_commands(store_uri, a
     assert main(["jobs", "status", name]) == 0
     status = capsys.readouterr().out
     assert "status:           Completed" in status and "ml.g5.2xlarge (spot)" in status and "billable seconds:" in status
-    assert "cost:" in status and "run id:" in status
+    assert "cost:" in status and "run id:" in status and "spot savings:" in status
+    assert "assumed:          estimate:" in status and "typical spot" in status   # moto reports no billable seconds
 
     logs = boto3.client("logs")
     group = "/aws/sagemaker/TrainingJobs"
@@ -153,25 +251,125 @@ def test_cli_run_prints_job_and_results_location_then_jobs_commands(store_uri, a
     assert "no SageMaker training or processing job named" in capsys.readouterr().err
 
 
-def test_cost_and_spot_savings():
+def test_cost_and_spot_savings_use_job_cost_once_and_say_what_they_assumed():
+    # a finished managed-spot Training job: billable seconds are already discounted, so they get the on-demand rate
     st = JobStatus("j", "training", "Completed", instance_type="ml.g5.xlarge", spot=True, training_seconds=1000, billable_seconds=400)
     info = job_cost_info(st)
-    assert info["spot_savings_pct"] == 60.0 and info["billable_seconds"] == 400
-    try: from nlpmt.aws import job_cost
-    except ImportError: assert "nlpmt.aws" in info["note"]; return
-    assert info["usd"] == job_cost("ml.g5.xlarge", 400, True) and info["on_demand_usd"] == job_cost("ml.g5.xlarge", 1000, False)
+    assert info["spot_savings_pct"] == 60.0 and info["billable_seconds"] == 400 and not info["estimated"]
+    assert info["usd"] == aws.job_cost("ml.g5.xlarge", 400, True) == pytest.approx(400 / 3600 * 1.01, abs=1e-4)
+    assert info["on_demand_usd"] == aws.job_cost("ml.g5.xlarge", 1000, False) == pytest.approx(1000 / 3600 * 1.01, abs=1e-4)
+    assert info["usd"] / info["on_demand_usd"] == pytest.approx(1 - info["spot_savings_pct"] / 100, abs=1e-3)
+    lines = "\n".join(format_cost_lines(info))
+    assert "billable seconds: 400" in lines and "cost:             $0.1122" in lines and "on demand:        $0.2806" in lines
+    assert "spot savings:     60.0% (SageMaker: 1 - billable/training seconds)" in lines
+    assert "on-demand $1.010/h" in lines and "already took the managed-spot discount" in lines
+    # two instances: billable seconds count one instance
+    assert job_cost_info(JobStatus("j", "training", "Completed", instance_type="ml.g5.xlarge", instance_count=2,
+                                   training_seconds=3600, billable_seconds=3600))["usd"] == pytest.approx(2.02)
+    # a spot job still running reports no billable time: wall-clock seconds at the typical spot rate, saving typical
+    t0 = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    running = JobStatus("r", "training", "InProgress", instance_type="ml.g5.xlarge", spot=True, started=t0,
+                        ended=t0 + datetime.timedelta(hours=2))
+    info = job_cost_info(running)
+    assert info["estimated"] and info["usd"] == pytest.approx(0.60) and info["on_demand_usd"] == pytest.approx(2.02)
+    assert info["spot_savings_pct"] == pytest.approx(100 * (1 - 0.30 / 1.01), abs=0.1) and "typical" in info["spot_savings_source"]
+    lines = "\n".join(format_cost_lines(info))
+    assert "cost:             ~$0.6000" in lines and "typical spot $0.300/h" in lines and "no billable time until the job ends" in lines
+    # a Processing job: never billable seconds, wall-clock at the on-demand rate, no spot
+    proc = JobStatus("p", "processing", "Completed", instance_type="ml.m5.xlarge", started=t0, ended=t0 + datetime.timedelta(hours=1))
+    info = job_cost_info(proc)
+    assert info["usd"] == aws.instance_price("ml.m5.xlarge") and info["spot_savings_pct"] is None and info["on_demand_usd"] is None
+    assert "a processing job reports no billable time" in info["assumption"]
+    # an instance type without a price: said, not guessed
+    assert "no price" in job_cost_info(JobStatus("x", "training", "Completed", instance_type="ml.x9.huge", billable_seconds=5))["note"]
+
+
+@pytest.fixture
+def recorded_s3(tmp_path, monkeypatch):
+    "A moto server of its own that records every request it gets (to a file in tmp_path); yields (bucket, recording)."
+    port, recording = free_port(), tmp_path/"moto-recording.jsonl"
+    log = open(tmp_path/"moto.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent/"moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "MOTO_RECORDER_FILEPATH": str(recording)}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/moto-api/")
+        for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3"): monkeypatch.delenv(k, raising=False)
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="nlpmt-recorded")
+        urllib.request.urlopen(urllib.request.Request(url + "/moto-api/recorder/start-recording", method="POST"))
+        yield "nlpmt-recorded", recording
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: proc.kill()
+        log.close()
+
+
+def recorded_s3_actions(recording: Path) -> list[tuple]:
+    "(IAM action, resource, condition context) of every request in a moto recording; non-S3 requests as 'SERVICE:?'."
+    out = []
+    for line in recording.read_text().splitlines():
+        e = json.loads(line)
+        headers = {k.lower(): v for k, v in e["headers"].items()}
+        scope = re.search(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request", headers.get("authorization", ""))
+        if not scope or scope[1] != "s3": out.append((f"{scope[1] if scope else 'unsigned'}:?", e["url"], None)); continue
+        url = urlsplit(e["url"])
+        query = parse_qs(url.query, keep_blank_values=True)
+        bucket, _, key = unquote(url.path).lstrip("/").partition("/")
+        method = e["method"]
+        if not key:
+            if method == "POST" and "delete" in query:    # batch delete: one DeleteObject per key
+                body = base64.b64decode(e["body"]).decode() if e.get("body_encoded") else e.get("body") or ""
+                out += [("s3:DeleteObject", f"arn:aws:s3:::{bucket}/{k}", None) for k in re.findall(r"<Key>(.*?)</Key>", body)]
+            elif method in ("GET", "HEAD") and "location" in query: out.append(("s3:GetBucketLocation", f"arn:aws:s3:::{bucket}", None))
+            elif method in ("GET", "HEAD"): out.append(("s3:ListBucket", f"arn:aws:s3:::{bucket}", {"s3:prefix": query.get("prefix", [""])[0]}))
+            else: out.append((f"s3:? {method} ?{url.query}", f"arn:aws:s3:::{bucket}", None))
+            continue
+        arn = f"arn:aws:s3:::{bucket}/{key}"
+        if "x-amz-copy-source" in headers:
+            out.append(("s3:GetObject", "arn:aws:s3:::" + unquote(headers["x-amz-copy-source"]).lstrip("/").split("?")[0], None))
+        if method in ("GET", "HEAD"): out.append(("s3:GetObject", arn, None))
+        elif method == "DELETE": out.append(("s3:AbortMultipartUpload" if "uploadId" in query else "s3:DeleteObject", arn, None))
+        else: out.append(("s3:PutObject", arn, None))          # PUT object or part, POST ?uploads / ?uploadId
+    return out
+
+
+MODE = {"s3:GetObject": "r", "s3:PutObject": "w", "s3:AbortMultipartUpload": "w", "s3:DeleteObject": "d"}
 
 
 @pytest.mark.slow
-def test_local_backend_stages_into_s3(s3_bucket, ag_news_dir):
+def test_local_backend_stages_into_s3_do_only_what_the_role_policies_allow(recorded_s3, ag_news_dir):
+    """The real stages, run as jobs into an S3 store on a recording moto server: every request they make is S3 inside
+    the store, allowed by both generated role policies (nlpmt's own evaluator, listing prefixes included) and listed
+    with its operation in nlpmt.aws.JOB_STORE_ACCESS; this is where the stages' deletes show up."""
     from test_jobs import e2e_stages, check_e2e_store
-    uri, stages = f"s3://{s3_bucket}/e2e", e2e_stages()
+    bucket, recording = recorded_s3
+    uri, stages = f"s3://{bucket}/e2e", e2e_stages()
     config = load_config()
     results = []
     for stage in stages:
         results += [run_local(spec) for spec in plan_jobs(stage, store=uri, config=config, run_id="e2e-s3")]
     assert [r.status for r in results] == ["Completed"] * len(stages), [r.failure for r in results]
     check_e2e_store(S3Store(uri), "e2e-s3", stages)
+
+    actions = recorded_s3_actions(recording)
+    assert actions and not [a for a in actions if not a[0].startswith("s3:") or "?" in a[0]]   # S3 only, all understood
+    policies = {"sagemaker": aws.sagemaker_role_policy(bucket, "e2e"),
+                "ec2": aws.ec2_role_policy(bucket, ROLE, "e2e", project_name=config.project.name)}
+    for role, policy in policies.items():
+        assert denied(policy, actions) == [], role
+    outside = [(a, r) for a, r, _ in actions if a in MODE and MODE[a] not in aws.store_access(r.split(f":::{bucket}/e2e/", 1)[1])]
+    assert outside == [], "store keys or operations missing from nlpmt.aws.JOB_STORE_ACCESS"
+    ops = {(a, r.split("/e2e/", 1)[1].split("/")[0]) for a, r, _ in actions if a in MODE}
+    assert {("s3:PutObject", "data"), ("s3:GetObject", "data"), ("s3:PutObject", "results")} <= ops
+    if "baseline" in stages:   # the baseline replaces its final model folder: a delete the role must allow
+        assert ("s3:DeleteObject", "models") in ops
+        no_delete = {**policies["sagemaker"], "Statement": [st for st in policies["sagemaker"]["Statement"]
+                                                            if st["Sid"] != "ReplaceStageOutputs"]}
+        assert {a for a, _, _ in denied(no_delete, actions)} == {"s3:DeleteObject"}
 
 
 def test_local_backend_into_s3_store(store_uri):
