@@ -27,17 +27,17 @@ from .metrics import (metrics_record, write_metrics, read_metrics, list_metrics,
                            metrics_key)
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CHECKPOINT_MARKER', 'SAGEMAKER_CHECKPOINT_DIR', 'MODEL_META',
-           'SUMMARY_KEY', 'TrainParams', 'train_params', 'ModelLoadError', 'resolve_model_path', 'quiet_transformers',
-           'load_model_and_tokenizer', 'usable_cpus', 'set_torch_threads', 'training_device', 'cpu_supports_bf16',
-           'choose_precision', 'visible_gpu_count', 'plan_parallel_runs', 'device_env', 'load_splits',
-           'subsample_train', 'EncodedTexts', 'EpochLengthSampler', 'TrainingInterrupted', 'run_id', 'CheckpointPlace',
-           'checkpoint_place', 'checkpoint_folders', 'is_complete_checkpoint', 'prepare_resume', 'TrainingMeter',
-           'ThroughputCallback', 'SpotCheckpointCallback', 'stop_on_signals', 'PatienceCallback', 'StageTrainer',
-           'compute_metrics', 'EpochProgressCallback', 'steps_per_epoch', 'total_steps', 'training_arguments',
-           'train_log', 'epoch_history', 'plot_training_curves', 'final_model_prefix', 'save_final_model',
-           'TransformerPredictor', 'load_predictor', 'write_transformer_summary', 'TransformerRun', 'train_transformer',
-           'make_tiny_bert', 'separable_texts']
+__all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CUDA_AUTOCAST_MIN_PARAMS', 'CHECKPOINT_MARKER',
+           'SAGEMAKER_CHECKPOINT_DIR', 'MODEL_META', 'SUMMARY_KEY', 'TrainParams', 'train_params', 'ModelLoadError',
+           'resolve_model_path', 'quiet_transformers', 'load_model_and_tokenizer', 'usable_cpus', 'set_torch_threads',
+           'training_device', 'cpu_supports_bf16', 'choose_precision', 'visible_gpu_count', 'plan_parallel_runs',
+           'device_env', 'load_splits', 'subsample_train', 'EncodedTexts', 'EpochLengthSampler', 'TrainingInterrupted',
+           'run_id', 'CheckpointPlace', 'checkpoint_place', 'checkpoint_folders', 'is_complete_checkpoint',
+           'prepare_resume', 'TrainingMeter', 'ThroughputCallback', 'SpotCheckpointCallback', 'stop_on_signals',
+           'PatienceCallback', 'StageTrainer', 'compute_metrics', 'EpochProgressCallback', 'steps_per_epoch',
+           'total_steps', 'training_arguments', 'train_log', 'epoch_history', 'plot_training_curves',
+           'final_model_prefix', 'save_final_model', 'TransformerPredictor', 'load_predictor',
+           'write_transformer_summary', 'TransformerRun', 'train_transformer', 'make_tiny_bert', 'separable_texts']
 
 # %% ../nbs/04_transformer.ipynb #c008
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -155,10 +155,14 @@ def cpu_supports_bf16() -> bool:
     except OSError: return False
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
-def choose_precision(precision: str = "auto", device: str = "cpu") -> str:
-    "The autocast precision to train with: 'bf16', 'fp16' or 'fp32' ('auto' picks what the hardware runs fast)."
+CUDA_AUTOCAST_MIN_PARAMS = 50_000_000   # smaller models are launch-bound on a GPU: autocast only adds casts
+
+def choose_precision(precision: str = "auto", device: str = "cpu", n_params: Optional[int] = None) -> str:
+    "The autocast precision to train with: 'bf16', 'fp16' or 'fp32' ('auto' picks what runs fastest here)."
     if precision == "auto":
-        if device == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device == "cuda":
+            if n_params is not None and n_params < CUDA_AUTOCAST_MIN_PARAMS: return "fp32"
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if device == "cpu" and cpu_supports_bf16() else "fp32"
     if precision == "fp16" and device != "cuda":
         raise ConfigError(f"transformer.precision: fp16 needs a CUDA GPU (this run is on {device}); use bf16 or fp32")
@@ -648,7 +652,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
             **{s: EncodedTexts(tokenizer, splits[s]["text"], splits[s]["label"].map(label_id), params.max_length,
                                sort_by_length=True) for s in ("val", "test")}}
     device = training_device()
-    precision = choose_precision(params.precision, device)
+    precision = choose_precision(params.precision, device, sum(p.numel() for p in model.parameters()))
     meter = TrainingMeter.from_checkpoint(resume)
     wall_before = meter.wall_seconds
     spot = SpotCheckpointCallback(run, params.save_steps, steps_per_epoch(len(train_df), params), meter, place.mirror)

@@ -342,6 +342,8 @@ def test_precision_choice():
     assert choose_precision("fp32", "cpu") == "fp32" and choose_precision("bf16", "cpu") == "bf16"
     assert choose_precision("auto", "cpu") in ("bf16", "fp32")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"): choose_precision("fp16", "cpu")
+    assert choose_precision("auto", "cuda", n_params=22_700_000) == "fp32"   # small models: launch-bound on GPUs
+    assert choose_precision("fp32", "cuda", n_params=300_000_000) == "fp32"
 
 
 def test_length_grouped_order_is_fixed_by_seed_and_epoch():
