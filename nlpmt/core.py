@@ -107,6 +107,7 @@ class TransformerConfig:
     save_total_limit: int = 2
     max_train_rows: int = 0
     seed: int = 42
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model short name, e.g. learning_rate
 
 # %% ../nbs/00_core.ipynb #c010
 def _type_name(tp) -> str:

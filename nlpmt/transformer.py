@@ -34,8 +34,8 @@ __all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CUDA_AUTOCAST_M
            'device_env', 'load_splits', 'subsample_train', 'EncodedTexts', 'EpochLengthSampler', 'TrainingInterrupted',
            'run_id', 'CheckpointPlace', 'checkpoint_place', 'checkpoint_folders', 'is_complete_checkpoint',
            'prepare_resume', 'TrainingMeter', 'ThroughputCallback', 'SpotCheckpointCallback', 'stop_on_signals',
-           'PatienceCallback', 'StageTrainer', 'compute_metrics', 'EpochProgressCallback', 'steps_per_epoch',
-           'total_steps', 'training_arguments', 'train_log', 'epoch_history', 'plot_training_curves',
+           'PatienceCallback', 'StageTrainer', 'compute_metrics', 'EpochProgressCallback', 'MetricLineCallback',
+           'steps_per_epoch', 'total_steps', 'training_arguments', 'train_log', 'epoch_history', 'plot_training_curves',
            'final_model_prefix', 'save_final_model', 'TransformerPredictor', 'load_predictor',
            'write_transformer_summary', 'TransformerRun', 'train_transformer', 'make_tiny_bert', 'separable_texts']
 
@@ -72,10 +72,15 @@ def train_params(config: "Config | None" = None, **overrides) -> TrainParams:
     tc = (config or load_config()).transformer
     values = {f.name: getattr(tc, f.name) for f in fields(TrainParams) if hasattr(tc, f.name)}
     values["model_name"] = tc.models[0] if tc.models else DEFAULT_MODEL
-    unknown = sorted(set(overrides) - {f.name for f in fields(TrainParams)})
-    if unknown: raise ConfigError(f"transformer.{unknown[0]}: unknown parameter (known: "
-                                  f"{', '.join(f.name for f in fields(TrainParams))})")
-    values.update({k: v for k, v in overrides.items() if v is not None and v != ""})
+    known = {f.name for f in fields(TrainParams)}
+    unknown = sorted(set(overrides) - known)
+    if unknown: raise ConfigError(f"transformer.{unknown[0]}: unknown parameter (known: {', '.join(sorted(known))})")
+    given = {k: v for k, v in overrides.items() if v is not None and v != ""}
+    model = model_short_name(given.get("model_name") or values["model_name"])
+    per_model = tc.model_overrides.get(model, {})
+    bad = sorted(set(per_model) - known - {"model_name"})
+    if bad: raise ConfigError(f"transformer.model_overrides.{model}.{bad[0]}: unknown parameter")
+    values.update(per_model); values.update(given)  # config < per-model settings < explicit parameters
     params = from_dict(TrainParams, values, "transformer")
     for name in _POSITIVE:
         if not getattr(params, name) > 0: raise ConfigError(f"transformer.{name}: must be > 0, got {getattr(params, name)!r}")
@@ -466,6 +471,15 @@ class EpochProgressCallback(ProgressCallback):
                        f"{logs.get('eval_loss', float('nan')):.4f}, accuracy {logs['eval_accuracy']:.4f}, "
                        f"macro-F1 {logs['eval_macro_f1']:.4f}")
 
+class MetricLineCallback(TrainerCallback):
+    "After each validation, print an `nlpmt-metric` line (epoch, train/val loss, val accuracy/macro-F1) for SageMaker."
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (state.is_world_process_zero and logs and "eval_macro_f1" in logs): return
+        from nlpmt.runner import log_metrics
+        h = epoch_history(state.log_history)[-1]
+        log_metrics(epoch=h["epoch"], train_loss=h["train_loss"], val_loss=h["val_loss"],
+                    val_accuracy=h["val_accuracy"], val_macro_f1=h["val_macro_f1"])
+
 def steps_per_epoch(n_rows: int, params: TrainParams) -> int:
     "Optimizer steps in one epoch (the Trainer's count: batches, then accumulation groups)."
     batches = math.ceil(n_rows / params.batch_size)
@@ -656,7 +670,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     meter = TrainingMeter.from_checkpoint(resume)
     wall_before = meter.wall_seconds
     spot = SpotCheckpointCallback(run, params.save_steps, steps_per_epoch(len(train_df), params), meter, place.mirror)
-    callbacks = [spot, ThroughputCallback(meter)]
+    callbacks = [spot, ThroughputCallback(meter), MetricLineCallback()]
     if params.early_stopping_patience: callbacks.append(PatienceCallback(params.early_stopping_patience))
     trainer = StageTrainer(
         model=model, args=training_arguments(params, place.folder, len(train_df), precision, device, progress),

@@ -374,3 +374,18 @@ def test_packaged_minilm_learns_ag_news(tmp_path, config, ag_news_dir):
     predictor = load_predictor(store.local_path("models/final/all-minilm-l6-v2"))
     label, score = predictor.predict(["Stocks fell sharply on Wall Street as oil prices rose"])[0]
     assert label in rec["labels"] and 0 < score <= 1
+
+
+def test_each_validation_prints_a_metric_line_sagemaker_can_parse(tiny_model, config, tmp_path, capfd):
+    "The Training job's metric definitions (nlpmt.runner) find loss and macro-F1 for every epoch in the log."
+    import re
+    from nlpmt.runner import METRIC_DEFINITIONS
+    store = LocalStore(tmp_path/"store"); seed_store(store, n=120)
+    run = train_transformer(store, train_params(config, model_name=str(tiny_model), **{**TINY, "epochs": 2}),
+                            config, num_threads=1, progress=False)
+    log = capfd.readouterr().out
+    found = {d["Name"]: [float(v) for v in re.findall(d["Regex"], log)] for d in METRIC_DEFINITIONS}
+    history = run.record["history"]
+    assert found["epoch"] == [h["epoch"] for h in history] == [1.0, 2.0]
+    assert found["val_macro_f1"] == pytest.approx([h["val_macro_f1"] for h in history], abs=1e-4)
+    assert len(found["train_loss"]) == 2 and all(v > 0 for v in found["train_loss"])
