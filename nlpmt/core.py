@@ -15,9 +15,9 @@ import yaml
 
 # %% auto #0
 __all__ = ['CONFIG_FILES', 'SECTIONS', 'project_root', 'ConfigError', 'ProjectConfig', 'DataConfig', 'BaselineModelConfig',
-           'BaselineConfig', 'TransformerConfig', 'from_dict', 'Config', 'parse_override', 'env_overrides',
-           'load_config', 'package_version', 'git_commit', 'utc_now', 'provenance', 'sha256_bytes', 'sha256_file',
-           'model_short_name']
+           'BaselineConfig', 'TrainingSettings', 'TransformerConfig', 'from_dict', 'Config', 'parse_override',
+           'env_overrides', 'load_config', 'package_version', 'git_commit', 'utc_now', 'provenance', 'sha256_bytes',
+           'sha256_file', 'model_short_name']
 
 # %% ../nbs/00_core.ipynb #c005
 CONFIG_FILES = {"project": "project.yaml", "data": "data_config.yaml",
@@ -89,9 +89,8 @@ class BaselineConfig:
     seed: int = 42
 
 @dataclass
-class TransformerConfig:
-    "Transformer fine-tuning (`configs/models_transformer.yaml`)."
-    models: list[str] = field(default_factory=lambda: ["all-minilm-l6-v2"])
+class TrainingSettings:
+    "The hyper-parameters of one fine-tuning run (shared by the config file and the transformer stage's parameters)."
     epochs: float = 1.0
     learning_rate: float = 5e-5
     batch_size: int = 32
@@ -107,6 +106,11 @@ class TransformerConfig:
     save_total_limit: int = 2
     max_train_rows: int = 0
     seed: int = 42
+
+@dataclass
+class TransformerConfig(TrainingSettings):
+    "Transformer fine-tuning (`configs/models_transformer.yaml`): the models to train and their shared settings."
+    models: list[str] = field(default_factory=lambda: ["all-minilm-l6-v2"])
     model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model short name, e.g. learning_rate
 
 # %% ../nbs/00_core.ipynb #c010

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                           TrainerCallback, TrainingArguments, set_seed)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from .core import Config, ConfigError, from_dict, load_config, model_short_name, sha256_bytes, utc_now
+from .core import Config, ConfigError, TrainingSettings, from_dict, load_config, model_short_name, sha256_bytes, utc_now
 from .storage import (Store, LocalStore, StoreError, open_store, read_data_report, read_split, save_figure,
                            sync, join_key, temp_store, SPLITS)
 from .metrics import (metrics_record, write_metrics, read_metrics, list_metrics, summary_row, plot_confusion,
@@ -43,24 +43,9 @@ __all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CUDA_AUTOCAST_M
 DEFAULT_MODEL = "all-minilm-l6-v2"
 
 @dataclass
-class TrainParams:
-    "Everything that decides what a training run computes (it names the run's checkpoint folder)."
+class TrainParams(TrainingSettings):
+    "Everything that decides what a training run computes (it names the run's checkpoint folder): the config's settings, the model, and an optional step cap."
     model_name: str = DEFAULT_MODEL
-    epochs: float = 1.0
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    max_length: int = 128
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    gradient_accumulation_steps: int = 1
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    group_by_length: bool = True
-    early_stopping_patience: int = 0
-    save_steps: int = 100
-    save_total_limit: int = 2
-    max_train_rows: int = 0
-    seed: int = 42
     max_steps: int = 0
 
 _POSITIVE = ("epochs", "learning_rate", "batch_size", "eval_batch_size", "max_length", "gradient_accumulation_steps",
