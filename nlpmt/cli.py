@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from .core import load_config, project_root, ConfigError
 from .storage import open_store, sync_up, sync_down, sync, LocalStore, TOP_LEVEL, StoreError
+from .supervise import install_stop_handlers, restore_handlers, stop_exit_code
 
 # %% auto #0
 __all__ = ['PLUGIN_COMMANDS', 'add_config_options', 'config_from_args', 'cmd_ls', 'default_local_dir', 'cmd_sync',
@@ -139,9 +140,13 @@ def main(argv=None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None): parser.print_help(); return 0
+    previous = install_stop_handlers()   # our own SIGINT/SIGTERM/SIGHUP handling, never an inherited SIG_IGN
     try: rc = args.func(args)
-    except KeyboardInterrupt: print("nlpmt: interrupted", file=sys.stderr); return 130
+    except KeyboardInterrupt as e:
+        print(f"nlpmt: {'interrupted' if stop_exit_code(e) == 130 else 'stopped by ' + str(e)}", file=sys.stderr)
+        return stop_exit_code(e)
     except Exception as e:
         if os.environ.get("NLPMT_DEBUG"): traceback.print_exc()
         print(f"nlpmt: error: {e}", file=sys.stderr); return 1
+    finally: restore_handlers(previous)
     return int(rc or 0)

@@ -20,18 +20,20 @@ from .runner import (STAGES, ParameterError, stage_notebook, stage_name, noteboo
                           describe_parameters, new_run_id, notebook_key, METRIC_DEFINITIONS)
 from .aws import (JOB_LOG_GROUPS, JOB_CODE_PREFIX, JOB_OUTPUT_PREFIX, JOB_CHECKPOINT_PREFIX, JOB_NAME_HEAD,
                        job_name_prefix, job_cost, instance_price, asset_path)
+from .supervise import (parent_pipe, follow_file, write_job_plan, finish_local_job, PARENT_FD_ENV, DETACHED_ENV,
+                             STOP_GRACE_ENV)
 
 # %% auto #0
 __all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'BUNDLE_SKIP', 'JOB_SCRIPT', 'TERMINAL', 'LOG_GROUPS', 'PIPELINE',
            'job_base_name', 'with_timestamp', 'job_name', 'JobSpec', 'resolve_store_uri', 'model_parameter',
            'plan_jobs', 'as_string', 'param_args', 'config_env', 'JobResult', 'checkpoint_prefix', 'local_job_env',
            'local_checkpoint_dir', 'prepare_local_job', 'run_local', 'JobInterrupted', 'project_root_or_cwd',
-           'visible_gpus', 'run_local_many', 'bundle_requirements', 'make_bundle', 'bundle_stage_arg', 'SubmittedJob',
-           'sagemaker_session', 'image_uri', 'job_tags', 'job_environment', 'check_cloud_job', 'submit_sagemaker',
-           'JobStatus', 'sagemaker_client', 'describe_job', 'list_jobs', 'stop_job', 'log_events', 'job_cost_info',
-           'format_cost_lines', 'wait_for_job', 'format_table', 'results_table', 'print_summary', 'pipeline_stages',
-           'run_pipeline', 'run_sagemaker_many', 'cmd_run', 'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status',
-           'cmd_jobs_logs', 'cmd_jobs_stop', 'register_cli']
+           'start_local_detached', 'visible_gpus', 'run_local_many', 'bundle_requirements', 'make_bundle',
+           'bundle_stage_arg', 'SubmittedJob', 'sagemaker_session', 'image_uri', 'job_tags', 'job_environment',
+           'check_cloud_job', 'submit_sagemaker', 'JobStatus', 'sagemaker_client', 'describe_job', 'list_jobs',
+           'stop_job', 'log_events', 'job_cost_info', 'format_cost_lines', 'wait_for_job', 'format_table',
+           'results_table', 'print_summary', 'pipeline_stages', 'run_pipeline', 'run_sagemaker_many', 'cmd_run',
+           'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status', 'cmd_jobs_logs', 'cmd_jobs_stop', 'register_cli']
 
 # %% ../nbs/06_jobs.ipynb #c006
 _issued_tokens: set[str] = set()
@@ -218,83 +220,97 @@ def prepare_local_job(spec: JobSpec, root: Path, gpu: Optional[str] = None) -> t
     return cmd, local_job_env(spec, root, channels, gpu)
 
 # %% ../nbs/06_jobs.ipynb #c017
-def _pump(stream, sinks: list, prefix: str = "") -> None:
-    "Copy a job's output to `sinks` (text files) until it ends."
-    if not prefix:
-        fd = stream.fileno()
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk: break
-            text = chunk.decode("utf-8", "replace")
-            for s in sinks: s.write(text); s.flush()
-        return
-    for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", "replace").rstrip("\n")
-        line = line.rstrip("\r").split("\r")[-1]
-        for s in sinks: s.write(f"{prefix}{line}\n"); s.flush()
-
 def _read_text(path: Path) -> str:
     "A file's text, or '' if it does not exist."
     try: return path.read_text(encoding="utf-8").strip()
     except OSError: return ""
 
+def _setup_local_job(spec: JobSpec, gpu: Optional[str], keep: bool, grace_seconds: float):
+    "Stamp the job name, lay out its folder, write its finishing plan; returns (spec, root, store, cmd, env)."
+    spec = dataclasses.replace(spec, job_name=with_timestamp(spec.job_name))
+    root = Path(tempfile.mkdtemp(prefix=f"nlpmt-job-{spec.name}-"))
+    store = open_store(spec.store)
+    cmd, env = prepare_local_job(spec, root, gpu)
+    remote_ckpt = checkpoint_prefix(spec) if spec.kind == "training" and local_checkpoint_dir(spec) is None else None
+    write_job_plan(root, spec.store, f"results/notebooks/{spec.run_id}/{spec.name}.log", remote_ckpt, keep)
+    env[STOP_GRACE_ENV] = str(grace_seconds)
+    return spec, root, store, cmd, env
+
 def run_local(spec: JobSpec, gpu: Optional[str] = None, prefix: str = "", out=None, keep: bool = False,
               grace_seconds: float = 150.0) -> JobResult:
     "Run one job with the local backend (a runner subprocess over a temporary `/opt/ml`); returns its result."
     out = out or sys.stdout
-    spec = dataclasses.replace(spec, job_name=with_timestamp(spec.job_name))
-    root = Path(tempfile.mkdtemp(prefix=f"nlpmt-job-{spec.name}-"))
-    store = open_store(spec.store)
     start = time.time()
-    cmd, env = prepare_local_job(spec, root, gpu)
+    spec, root, store, cmd, env = _setup_local_job(spec, gpu, keep, grace_seconds)
     log_path = root/"job.log"
     print(f"{prefix}nlpmt: job {spec.job_name} (stage {spec.name}, run {spec.run_id}) on this machine"
           + (f", GPU {gpu}" if gpu else ""), file=out, flush=True)
-    interrupted = False
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=str(project_root_or_cwd()), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        with _running_lock: _running[spec.job_name] = proc
-        pump = threading.Thread(target=_pump, args=(proc.stdout, [out, log], prefix), daemon=True)
-        pump.start()
-        try:
-            try: rc = proc.wait()
-            except KeyboardInterrupt:
-                interrupted = True
-                print(f"\n{prefix}nlpmt: stopping {spec.job_name}: SIGTERM sent, the stage may save a checkpoint "
-                      f"(up to {grace_seconds:.0f} s; Ctrl-C again to kill)", file=out, flush=True)
-                proc.send_signal(signal.SIGTERM)
-                try: rc = proc.wait(grace_seconds)
-                except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                    os.killpg(proc.pid, signal.SIGKILL); rc = proc.wait()
-        finally:
-            with _running_lock: _running.pop(spec.job_name, None)
-        pump.join(10)
+    interrupted = None
+    watch_fd, alive_fd = parent_pipe()          # the job stops by itself if this process dies (see nlpmt.supervise)
+    env[PARENT_FD_ENV] = str(watch_fd)
+    try:
+        with open(log_path, "wb") as log:       # the job writes its own log: nothing breaks if this process dies
+            proc = subprocess.Popen(cmd, env=env, cwd=str(project_root_or_cwd()), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(watch_fd,))
+    except BaseException:
+        os.close(alive_fd); raise
+    finally: os.close(watch_fd)
+    ended = threading.Event()
+    follower = threading.Thread(target=follow_file, args=(log_path, [out], ended, prefix), daemon=True)
+    follower.start()
+    with _running_lock: _running[spec.job_name] = proc
+    try:
+        try: rc = proc.wait()
+        except KeyboardInterrupt as e:          # Ctrl-C, SIGTERM or SIGHUP (nlpmt.supervise.StopRequested)
+            interrupted = e
+            print(f"\n{prefix}nlpmt: stopping {spec.job_name}: SIGTERM sent, the stage may save a checkpoint "
+                  f"(up to {grace_seconds:.0f} s; Ctrl-C again to kill)", file=out, flush=True)
+            proc.send_signal(signal.SIGTERM)
+            try: rc = proc.wait(grace_seconds)
+            except (KeyboardInterrupt, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL); rc = proc.wait()
+    finally:
+        os.close(alive_fd)                      # the runner has ended (or we are dying: then it stops itself)
+        with _running_lock: _running.pop(spec.job_name, None)
+        ended.set()
+    follower.join(10)
     failure = _read_text(root/"output"/"failure")
     status = "Completed" if rc == 0 else ("Stopped" if rc in (143, -15) or interrupted else "Failed")
     if status != "Completed" and not failure: failure = f"runner exited with code {rc} (see {spec.name}.log)"
-    try:
-        if spec.kind == "training" and local_checkpoint_dir(spec) is None and any((root/"checkpoints").rglob("*")):
-            store.upload_dir(root/"checkpoints", checkpoint_prefix(spec), progress=False)
-        store.upload_file(log_path, f"results/notebooks/{spec.run_id}/{spec.name}.log")
-    except Exception as e: print(f"{prefix}nlpmt: could not save the job's log/checkpoints to the store: {e}", file=out)
-    if not keep: shutil.rmtree(root, ignore_errors=True)
+    finish_local_job(root, out=out, prefix=prefix)   # log (and remote checkpoints) to the store, folder removed
     result = JobResult(spec.name, spec.job_name, stage_name(spec.notebook), status, failure, time.time() - start,
                        store.url(notebook_key(spec.run_id, spec.name)), rc, job_dir=str(root) if keep else "")
-    if interrupted: raise JobInterrupted([result])
+    if interrupted is not None: raise JobInterrupted([result], getattr(interrupted, "signum", signal.SIGINT))
     return result
 
 _running: dict[str, subprocess.Popen] = {}
 _running_lock = threading.Lock()
 
 class JobInterrupted(KeyboardInterrupt):
-    "Ctrl-C stopped local jobs; carries their results."
-    def __init__(self, results: list): super().__init__(", ".join(r.job_name for r in results)); self.results = results
+    "Ctrl-C (or SIGTERM/SIGHUP) stopped local jobs; carries their results and the signal."
+    def __init__(self, results: list, signum: int = signal.SIGINT):
+        super().__init__(", ".join(r.job_name for r in results)); self.results, self.signum = results, int(signum)
 
 def project_root_or_cwd() -> Path:
     "The project root when there is one (the runner finds the configs there), else the current folder."
     try: return project_root()
     except FileNotFoundError: return Path.cwd()
+
+# %% ../nbs/06_jobs.ipynb #c017b
+def start_local_detached(spec: JobSpec, gpu: Optional[str] = None, out=None) -> JobResult:
+    "Start one local job that outlives this command (`nlpmt run --detach`); returns at once with status Running."
+    out = out or sys.stdout
+    spec, root, store, cmd, env = _setup_local_job(spec, gpu, keep=False, grace_seconds=150.0)
+    env[DETACHED_ENV] = "1"                      # the job uploads its log and removes its folder when it ends
+    with open(root/"job.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(project_root_or_cwd()), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc.returncode = 0                          # not ours to wait for: keep Popen from warning that it still runs
+    url = store.url(notebook_key(spec.run_id, spec.name))
+    print(f"nlpmt: job {spec.job_name} (stage {spec.name}, run {spec.run_id}) runs detached as process {proc.pid}\n"
+          f"  log while it runs: {root/'job.log'}\n  when it ends: {url} (+ .json, .log)\n"
+          f"  stop it (it checkpoints first): kill -TERM {proc.pid}", file=out, flush=True)
+    return JobResult(spec.name, spec.job_name, stage_name(spec.notebook), "Running", "", 0.0, url, 0, job_dir=str(root))
 
 # %% ../nbs/06_jobs.ipynb #c021
 def visible_gpus(env: Optional[dict] = None) -> list[str]:
@@ -859,9 +875,15 @@ def cmd_run(args) -> int:
     config = config_from_args(args)
     specs = plan_jobs(args.stage, dict(args.param), args.store, config, models=args.models, run_id=args.run_id,
                       kind=args.job_type, overrides=args.overrides, config_dir=args.config_dir)
+    if getattr(args, "detach", False):
+        if args.backend != "local": raise ParameterError("--detach is for the local backend (SageMaker jobs run on "
+                                                         "their own unless --wait is given)")
+        if len(specs) > 1: raise ParameterError(f"--detach starts one job; --models gave {len(specs)}: "
+                                                "start one detached job per model")
+        start_local_detached(specs[0]); return 0
     if args.backend == "local":
         try: results = run_local_many(specs)
-        except JobInterrupted as e: print_summary(e.results, specs[0].store); return 130
+        except JobInterrupted as e: print_summary(e.results, specs[0].store); return 128 + e.signum
         print_summary(results, specs[0].store)
         return 0 if all(r.status == "Completed" for r in results) else 1
     for s in specs: check_cloud_job(s, config)
@@ -885,7 +907,7 @@ def cmd_pipeline(args) -> int:
         results = run_pipeline(args.store, args.backend, config, dict(args.param), args.models, args.run_id,
                                args.overrides, args.config_dir, **kw)
     except JobInterrupted as e:
-        print_summary(e.results, resolve_store_uri(args.store, config)); return 130
+        print_summary(e.results, resolve_store_uri(args.store, config)); return 128 + e.signum
     print_summary(results, resolve_store_uri(args.store, config))
     return 0 if results and all(r.status == "Completed" for r in results) else 1
 
@@ -954,6 +976,9 @@ def register_cli(subparsers) -> None:
                        help="SageMaker job type (default: training for transformer, processing otherwise)")
         p.add_argument("--wait", action="store_true", help="SageMaker: wait for the job(s), showing progress")
         p.add_argument("--logs", action="store_true", help="SageMaker with --wait: also print the job's log lines")
+        p.add_argument("--detach", action="store_true", help="local backend: start the job and return; it keeps running "
+                       "after this command ends (stop it with kill -TERM PID). Without it, a job stops when nlpmt "
+                       "is interrupted, terminated or killed")
         p.set_defaults(func=cmd_run)
 
     p = add("pipeline", help="run data -> baseline -> transformer -> report, each as a job",

@@ -13,6 +13,7 @@ import argparse, ast, io, json, logging, math, os, re, signal, sys, tempfile, th
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
+from .supervise import watch_parent_from_env, stop_grace, finish_unsupervised_job
 
 # %% auto #0
 __all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITIONS', 'SAVE_EVERY', 'JobFolders',
@@ -553,8 +554,19 @@ def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = No
     key = notebook_key(run_id, name)
     job = NotebookJob(notebook, folders.output_data/f"{name}.ipynb", values)
     main_thread = threading.current_thread() is threading.main_thread()
+    stopping, kill_timer = threading.Event(), []
+    def stop(reason: str, repeat_kills: bool = True) -> None:
+        "Ask the kernel to stop (SIGTERM: the stage checkpoints); a repeated signal kills it, a late one is ignored."
+        if stopping.is_set() and not repeat_kills: return
+        stopping.set(); say(reason); job.terminate()
+    def parent_died() -> None:
+        "The `nlpmt` command that started this local job died: stop as on SIGTERM, kill the kernel after the grace time."
+        stop("the nlpmt command that started this job is gone: stopping the job as on SIGTERM", repeat_kills=False)
+        timer = threading.Timer(stop_grace(), lambda: stop("grace time over: killing the kernel")); timer.daemon = True
+        kill_timer.append(timer); timer.start()
     if main_thread:
-        previous = signal.signal(signal.SIGTERM, lambda s, f: (say("SIGTERM: forwarding to the kernel"), job.terminate()))
+        previous = signal.signal(signal.SIGTERM, lambda s, f: stop("SIGTERM: forwarding to the kernel"))
+    watch_parent_from_env(parent_died)
     try:
         _kernel_pythonpath()
         job.start_kernel()   # it boots while the store and papermill load
@@ -562,10 +574,12 @@ def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = No
         from nlpmt.core import provenance, utc_now
         target, started = open_store(store), utc_now()
         say(f"stage {name}: notebook {notebook.name} -> {target.url(key)}")
-        result = job.run()
+        # a stop that came before the kernel existed reached no one: do not start the notebook at all
+        result = NotebookResult("Stopped", "stopped by SIGTERM before the first cell") if stopping.is_set() else job.run()
     except ParameterError as e:
         say(f"error: {e}"); write_failure(folders, f"nlpmt: bad parameters: {e}"); return 2
     finally:
+        for timer in kill_timer: timer.cancel()
         job.shutdown_kernel()
         if main_thread: signal.signal(signal.SIGTERM, previous)
     record = {"run_id": run_id, "name": name, "stage": stage_name(notebook), "notebook": notebook.name,
@@ -602,7 +616,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     "Entry point of `python -m nlpmt.runner`."
     args = parse_args(argv)
-    return run_job(args.stage, store=args.store, params=dict(args.param), run_id=args.run_id, name=args.name)
+    rc = run_job(args.stage, store=args.store, params=dict(args.param), run_id=args.run_id, name=args.name)
+    finish_unsupervised_job()   # a local job whose command died, or a detached one: upload its log, remove its folder
+    return rc
 
 # %% ../nbs/06a_runner.ipynb #c033
 if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "") == "nlpmt.runner":
