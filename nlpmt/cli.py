@@ -64,19 +64,32 @@ def cmd_sync(args) -> int:
     local = Path(args.local) if args.local else default_local_dir(config)
     prefixes = args.prefix or TOP_LEVEL
     opts = dict(prefixes=prefixes, dry_run=args.dry_run, delete=args.delete, progress=not args.quiet)
+    reports, refused = [], None
+    def run(do):
+        "Run one sync; a sync that refused files (links out of the folder) still reports, and fails at the end."
+        nonlocal refused
+        try: reports.append(do())
+        except StoreError as e:
+            if not getattr(e, "report", None) or not e.report.refused: raise
+            reports.append(e.report); refused = refused or e
     if args.direction == "up":
-        reports = [sync_up(store, local, **opts)]
+        run(lambda: sync_up(store, local, **opts))
         configs_dir = Path(config.config_dir)
         if not (local/"configs").is_dir() and "configs" in prefixes and configs_dir.is_dir():
-            reports.append(sync(LocalStore(configs_dir), store, dst_prefix="configs", **{**opts, "prefixes": ("",)}))
+            run(lambda: sync(LocalStore(configs_dir), store, dst_prefix="configs", **{**opts, "prefixes": ("",)}))
     else:
-        reports = [sync_down(store, local, **opts)]
+        run(lambda: sync_down(store, local, **opts))
     for r in reports:
         if args.json: print(json.dumps(r.to_dict(), indent=2))
         else:
             for key in r.copied: print(("would copy " if r.dry_run else "copied ") + key)
             for key in r.deleted: print(("would delete " if r.dry_run else "deleted ") + key)
+            for key in r.refused: print(("would refuse " if r.dry_run else "REFUSED ") + key + " (a link out of the folder)")
             print(r.summary())
+    if refused: raise refused          # after everything else was synced and reported: exit 1 naming the files
+    if any(r.refused for r in reports):
+        print(f"nlpmt: error: a sync would refuse {sum(len(r.refused) for r in reports)} file(s) that are links out of "
+              "their folder (listed above)", file=sys.stderr); return 1
     return 0
 
 def cmd_config_show(args) -> int:

@@ -8,7 +8,7 @@ Docs: https://nlpmt.github.io/nlpmt/storage.html.md"""
 
 # %% ../nbs/01_storage.ipynb #c003
 from __future__ import annotations
-import hashlib, io, json, os, shutil, tempfile, uuid
+import hashlib, io, json, os, shutil, sys, tempfile, uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional
@@ -19,9 +19,10 @@ from .core import project_root, load_config, sha256_bytes
 # %% auto #0
 __all__ = ['LAYOUT', 'TOP_LEVEL', 'MULTIPART_THRESHOLD', 'MULTIPART_CHUNK', 'SPLITS', 'DATA_REPORT_KEY', 'StoreError',
            'UnsafeKeyError', 'check_key', 'join_key', 'safe_local_path', 'file_etag', 'bytes_etag', 'ObjectInfo',
-           'Store', 'atomic_write_bytes', 'atomic_copy_file', 'LocalStore', 'aws_endpoint', 'boto_client',
-           'transfer_config', 'parse_s3_uri', 'S3Store', 'open_store', 'temp_store', 'SyncReport', 'copy_object',
-           'sync', 'sync_up', 'sync_down', 'split_key', 'read_data_report', 'split_hashes', 'read_split', 'save_figure']
+           'Store', 'temp_sibling', 'atomic_write_bytes', 'atomic_copy_file', 'LocalStore', 'aws_endpoint',
+           'boto_client', 'transfer_config', 'parse_s3_uri', 'S3Store', 'open_store', 'temp_store', 'SyncReport',
+           'copy_object', 'sync', 'sync_up', 'sync_down', 'split_key', 'read_data_report', 'split_hashes', 'read_split',
+           'save_figure']
 
 # %% ../nbs/01_storage.ipynb #c005
 LAYOUT = ("data/raw", "data/processed", "results/baseline", "results/transformer", "models/checkpoints",
@@ -149,10 +150,14 @@ class Store:
         return sync(self, LocalStore(local_dir), src_prefix=prefix, **kwargs)
 
 # %% ../nbs/01_storage.ipynb #c015
+def temp_sibling(path: str | Path) -> Path:
+    "A short, unique temporary name in `path`'s folder (`.nlpmt-<12 hex>.tmp`: fits however long the final name is)."
+    return Path(path).with_name(f".nlpmt-{uuid.uuid4().hex[:12]}.tmp")
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     "Write `data` to `path` via a temporary file in the same folder and an atomic rename."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -162,7 +167,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_copy_file(src: str | Path, dst: str | Path) -> None:
     "Copy a file to `dst` via a temporary file and an atomic rename."
     dst = Path(dst); dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_sibling(dst)
     try: shutil.copyfile(src, tmp); os.replace(tmp, dst)
     finally:
         if tmp.exists(): tmp.unlink()
@@ -271,7 +276,7 @@ class S3Store(Store):
     def download_file(self, key: str, local_path) -> Path:
         "Download to a temporary file, verify size (and MD5 for single-part objects), then rename into place."
         local_path = Path(local_path); local_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local_path.with_name(f".{local_path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temp_sibling(local_path)
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._k(key))
             self.client.download_file(self.bucket, self._k(key), str(tmp), Config=transfer_config())
@@ -325,21 +330,32 @@ class SyncReport:
     deleted: list[str] = field(default_factory=list)
     bytes_copied: int = 0
     dry_run: bool = False
+    refused: list[str] = field(default_factory=list)   # files that resolve outside their folder (symlinks): not synced
 
     def summary(self) -> str:
         "One-line human summary."
         verb = "would copy" if self.dry_run else "copied"
         dverb = "would delete" if self.dry_run else "deleted"
         return (f"{self.src} -> {self.dst}: {verb} {len(self.copied)} ({self.bytes_copied/1e6:.1f} MB), "
-                f"{len(self.skipped)} unchanged, {dverb} {len(self.deleted)}" + (" [dry run]" if self.dry_run else ""))
+                f"{len(self.skipped)} unchanged, {dverb} {len(self.deleted)}"
+                + (f", REFUSED {len(self.refused)} (outside the folder)" if self.refused else "")
+                + (" [dry run]" if self.dry_run else ""))
     def to_dict(self) -> dict:
         "JSON-friendly form."
         return dict(src=self.src, dst=self.dst, copied=self.copied, skipped=self.skipped, deleted=self.deleted,
-                    bytes_copied=self.bytes_copied, dry_run=self.dry_run)
+                    bytes_copied=self.bytes_copied, dry_run=self.dry_run, refused=self.refused)
 
 def _same(a: ObjectInfo, b: Optional[ObjectInfo]) -> bool:
     "Same size and ETag."
     return b is not None and a.size == b.size and a.etag == b.etag
+
+def _escapes(store: Store, key: str, side: str) -> Optional[str]:
+    "Why `key` of a local store resolves outside its folder (a symlink pointing out), or None when it stays inside."
+    if not isinstance(store, LocalStore): return None
+    try: store.local_path(key); return None
+    except UnsafeKeyError:
+        path = store.root/key
+        return f"the {side} {path} is a link to {path.resolve()}, outside {store.root}"
 
 def copy_object(src: Store, src_key: str, dst: Store, dst_key: str) -> None:
     "Copy one object between any two stores, using file transfers where a side is local."
@@ -364,7 +380,11 @@ def sync(src: Store, dst: Store, src_prefix: str = "", dst_prefix: str = "", pre
         for skey, info in sorted(s_info.items()):
             rel = check_key(skey[n_src:])  # refuse hostile keys before anything is copied
             dkey = join_key(dst_prefix, rel); wanted.add(dkey)
-            if isinstance(dst, LocalStore): dst.local_path(dkey)  # must land inside the destination folder
+            why = _escapes(src, skey, "source") or _escapes(dst, dkey, "destination")
+            if why:   # a symlink out of the folder: skip it, say so now, sync the rest, fail at the end
+                report.refused.append(rel)
+                print(f"nlpmt: warning: not syncing {rel}: {why}", file=sys.stderr, flush=True)
+                continue
             if _same(info, d_info.get(dkey)): report.skipped.append(rel)
             else: plan.append((skey, dkey, rel, info.size))
         if delete: report.deleted += sorted(k for k in d_info if k not in wanted)
@@ -385,6 +405,13 @@ def sync(src: Store, dst: Store, src_prefix: str = "", dst_prefix: str = "", pre
         for key in report.deleted: dst.delete(key)
     else:
         report.copied = [rel for _, _, rel, _ in plan]; report.bytes_copied = sum(s for *_, s in plan)
+    if report.refused and not dry_run:
+        shown = ", ".join(repr(k) for k in report.refused[:10]) + (" ..." if len(report.refused) > 10 else "")
+        err = StoreError(f"sync {report.src} -> {report.dst}: synced everything else ({len(report.copied)} copied, "
+                         f"{len(report.skipped)} unchanged) but refused {len(report.refused)} file(s) that resolve "
+                         f"outside their folder (symlinks): {shown}; replace each link with the file itself or remove it")
+        err.report = report
+        raise err
     return report
 
 # %% ../nbs/01_storage.ipynb #c027

@@ -206,3 +206,36 @@ def test_sync_survives_or_fails_loudly_under_connection_resets(aws_env, s3_bucke
     assert set(rerun.copied) | set(rerun.skipped) == set(files)
     for key, data in files.items(): assert direct.read_bytes(key) == data
     assert sync_up(direct, src, progress=False).copied == []
+
+
+def test_sync_up_skips_a_symlink_out_of_the_store_syncs_the_rest_and_fails_naming_it(store, tmp_path, capsys):
+    "Issue 11: a file symlinked out of the local folder used to stop `sync up` for good on that key."
+    from nlpmt.cli import main
+    src = tmp_path/"src"; files = make_tree(src, n=10)
+    secret = tmp_path/"outside"/"secret.txt"; secret.parent.mkdir(); secret.write_text("never upload me")
+    leak = "results/baseline/aaa_leak.txt"                          # sorts first: the rest must still sync
+    os.symlink(secret, src/leak)
+    inside = "results/alias.bin"; os.symlink(src/sorted(files)[0], src/inside)   # a link inside the folder is fine
+    with pytest.raises(StoreError, match="aaa_leak.txt") as err:
+        sync_up(store, src, progress=False)
+    assert err.value.report.refused == [leak] and f"{secret}" in capsys.readouterr().err   # warned, naming the target
+    assert sorted(store.list()) == sorted([*files, inside]) and not store.exists(leak)
+    assert store.read_bytes(inside) == files[sorted(files)[0]]
+    # the CLI: every other file reported as synced (unchanged now), the link named, exit code 1; the same on a rerun
+    for _ in range(2):
+        rc = main(["sync", "up", store.uri if isinstance(store, LocalStore) else f"s3://{store.bucket}/{store.prefix}",
+                   "--local", str(src), "--prefix", "results", "--prefix", "data", "--prefix", "models", "-q"])
+        out, errtext = capsys.readouterr()
+        assert rc == 1 and f"REFUSED {leak}" in out and "unchanged" in out
+        assert "aaa_leak.txt" in errtext and "outside" in errtext
+    assert not store.exists(leak)
+
+
+def test_keys_of_230_characters_sync_down_and_write_in_place(store, tmp_path):
+    "The temporary file name used to be the final name plus 38 characters: past the 255-byte limit for long keys."
+    long_key = "results/baseline/" + "m" * 208 + "_metrics.json"
+    assert len(long_key) >= 230 and len(long_key.rsplit("/", 1)[1]) > 255 - 38
+    store.write_text(long_key, "{}")                                # the local store writes via a temporary file too
+    report = sync_down(store, tmp_path/"down", progress=False)
+    assert report.copied == [long_key] and (tmp_path/"down"/long_key).read_text() == "{}"
+    assert [p.name for p in (tmp_path/"down"/"results"/"baseline").iterdir()] == [long_key.rsplit("/", 1)[1]]
