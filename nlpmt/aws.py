@@ -17,23 +17,25 @@ import yaml
 from .core import load_config, ConfigError, CONFIG_FILES
 from .storage import (boto_client, atomic_write_bytes, check_key, open_store, parse_s3_uri, LocalStore,
                            StoreError, sync, sync_up, read_data_report, read_split, SPLITS)
+from .storage import bucket_name_problem, S3_BUCKET_RULE
 
 # %% auto #0
 __all__ = ['PRICE_COLUMNS', 'JOB_LOG_GROUPS', 'JOB_METRIC_NAMESPACES', 'JOB_CODE_PREFIX', 'JOB_OUTPUT_PREFIX',
            'JOB_CHECKPOINT_PREFIX', 'JOB_STORE_ACCESS', 'JOB_DELETE_PREFIXES', 'FRAMEWORK_IMAGE_REPOSITORY',
-           'JOB_NAME_HEAD', 'BUCKET_RE', 'ROLE_ARN_RE', 'S3_ACTIONS_NEEDED', 'STAR_RESOURCE_OK', 'INSTANCE_LOG_GROUPS',
-           'S3_MODE_ACTIONS', 'DLC_ACCOUNT', 'SAGEMAKER_POLICY_NAME', 'EC2_POLICY_NAME', 'MANAGED_TAG',
-           'PUBLIC_ACCESS_BLOCK', 'DLAMI_NAME_PATTERN', 'USER_DATA_MARKER', 'DEFAULT_SRC', 'EC2_USER', 'EC2_WORKDIR',
-           'JUPYTER_PORT', 'EMAIL_RE', 'asset_path', 'InstancePrice', 'price_table', 'instance_price', 'job_cost',
-           'estimate_cost', 'job_name_prefix', 'ecr_repository_arn', 'job_image_repositories', 'store_access',
-           'log_group_arns', 'job_arns', 'check_bucket_name', 'trust_policy', 's3_statements', 'sagemaker_role_policy',
-           'ec2_role_policy', 'check_policy', 'policy_allows', 'trusts_service', 'sagemaker_job_needs',
-           'set_yaml_scalars', 'AwsNames', 'aws_names', 'aws_tags', 'tls_only_statement', 'ensure_bucket',
-           'ensure_role', 'ensure_instance_profile', 'bootstrap', 'newest_image', 'find_dlami', 'user_data_template',
-           'render_user_data', 'ensure_ssh_group', 'launch_instance', 'list_instances', 'connect_info',
-           'terminate_instance', 'budget_notifications', 'ensure_budget', 'Check', 'doctor_checks', 'format_checks',
-           'cmd_policy', 'cmd_check_policy', 'cmd_bootstrap', 'cmd_ec2_launch', 'cmd_ec2_list', 'cmd_ec2_connect',
-           'cmd_ec2_terminate', 'cmd_budget', 'cmd_cost_estimate', 'cmd_cost_prices', 'cmd_doctor', 'register_cli']
+           'JOB_NAME_HEAD', 'BUCKET_RE', 'ACCOUNT_RE', 'ROLE_ARN_RE', 'S3_ACTIONS_NEEDED', 'STAR_RESOURCE_OK',
+           'INSTANCE_LOG_GROUPS', 'S3_MODE_ACTIONS', 'DLC_ACCOUNT', 'SAGEMAKER_POLICY_NAME', 'EC2_POLICY_NAME',
+           'MANAGED_TAG', 'PUBLIC_ACCESS_BLOCK', 'DLAMI_NAME_PATTERN', 'USER_DATA_MARKER', 'DEFAULT_SRC', 'EC2_USER',
+           'EC2_WORKDIR', 'JUPYTER_PORT', 'EMAIL_RE', 'asset_path', 'InstancePrice', 'price_table', 'instance_price',
+           'job_cost', 'estimate_cost', 'job_name_prefix', 'ecr_repository_arn', 'job_image_repositories',
+           'store_access', 'log_group_arns', 'job_arns', 'check_bucket_name', 'trust_policy', 's3_statements',
+           'sagemaker_role_policy', 'ec2_role_policy', 'check_policy', 'policy_allows', 'trusts_service',
+           'sagemaker_job_needs', 'set_yaml_scalars', 'AwsNames', 'aws_names', 'aws_tags', 'tls_only_statement',
+           'ensure_bucket', 'ensure_role', 'ensure_instance_profile', 'bootstrap', 'newest_image', 'find_dlami',
+           'user_data_template', 'render_user_data', 'ensure_ssh_group', 'launch_instance', 'list_instances',
+           'connect_info', 'terminate_instance', 'budget_notifications', 'ensure_budget', 'Check', 'doctor_checks',
+           'format_checks', 'cmd_policy', 'cmd_check_policy', 'cmd_bootstrap', 'cmd_ec2_launch', 'cmd_ec2_list',
+           'cmd_ec2_connect', 'cmd_ec2_terminate', 'cmd_budget', 'cmd_cost_estimate', 'cmd_cost_prices', 'cmd_doctor',
+           'register_cli']
 
 # %% ../nbs/07_aws.ipynb #c007
 PRICE_COLUMNS = ("instance_type", "service", "on_demand_usd_per_hour", "spot_usd_per_hour", "gpus", "gpu",
@@ -184,19 +186,25 @@ BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 def check_bucket_name(bucket: str) -> str:
     "Return `bucket` if it is a valid S3 bucket name, else raise a clear error."
-    if not isinstance(bucket, str) or not BUCKET_RE.fullmatch(bucket) or ".." in bucket \
-            or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket):
-        raise ValueError(f"--bucket {bucket!r} is not a valid S3 bucket name (3-63 characters: lower-case letters, "
-                         "digits, '.' and '-', starting and ending with a letter or digit)")
+    problem = bucket_name_problem(bucket)
+    if problem: raise ValueError(f"--bucket {bucket!r} is not a valid S3 bucket name: it {problem}. {S3_BUCKET_RULE}")
     return bucket
 
 def _policy(*statements: dict) -> dict:
     "An IAM policy document."
     return {"Version": "2012-10-17", "Statement": list(statements)}
 
-def trust_policy(service: str) -> dict:
-    "Trust policy that lets an AWS service (e.g. `sagemaker.amazonaws.com`) assume the role."
-    return _policy({"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"})
+ACCOUNT_RE = re.compile(r"\d{12}")
+
+def trust_policy(service: str, account: Optional[str] = None, region: Optional[str] = None) -> dict:
+    "Trust policy that lets an AWS service (e.g. `sagemaker.amazonaws.com`) assume the role, only on behalf of `account` (and, for SageMaker, its resources in `region`) when known."
+    statement = {"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}
+    if account is not None:
+        if not ACCOUNT_RE.fullmatch(str(account)): raise ValueError(f"account {account!r} is not a 12-digit AWS account id")
+        statement["Condition"] = {"StringEquals": {"aws:SourceAccount": str(account)}}
+        if service == "sagemaker.amazonaws.com":   # SageMaker sends the ARN of the job it assumes the role for
+            statement["Condition"]["ArnLike"] = {"aws:SourceArn": f"arn:aws:sagemaker:{region or '*'}:{account}:*"}
+    return _policy(statement)
 
 def _object_arn(bucket: str, prefix: Optional[str], key: str) -> str:
     "ARN of objects `key` (may end in `*`) below the store prefix."
@@ -218,13 +226,14 @@ def s3_statements(bucket: str, prefix: Optional[str] = None, allow_delete: bool 
 
 # %% ../nbs/07_aws.ipynb #c018
 def sagemaker_role_policy(bucket: str, prefix: Optional[str] = None, allow_delete: bool = False,
-                          image_uri: Optional[str] = None) -> dict:
-    "Permissions of the SageMaker execution role: the store, the jobs' log groups and metrics, the job image."
+                          image_uri: Optional[str] = None, region: Optional[str] = None,
+                          account: Optional[str] = None) -> dict:
+    "Permissions of the SageMaker execution role: the store, the jobs' log groups (in `region`/`account` when known) and metrics, the job image."
     return _policy(
         *s3_statements(bucket, prefix, allow_delete),
         {"Sid": "WriteJobLogs", "Effect": "Allow",
          "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-         "Resource": log_group_arns()},
+         "Resource": log_group_arns(region or "*", account or "*")},
         {"Sid": "WriteJobMetrics", "Effect": "Allow", "Action": "cloudwatch:PutMetricData", "Resource": "*",
          "Condition": {"StringEquals": {"cloudwatch:namespace": list(JOB_METRIC_NAMESPACES)}}},
         {"Sid": "PullImagesToken", "Effect": "Allow", "Action": "ecr:GetAuthorizationToken", "Resource": "*"},
@@ -235,23 +244,26 @@ def sagemaker_role_policy(bucket: str, prefix: Optional[str] = None, allow_delet
 ROLE_ARN_RE = re.compile(r"arn:aws[\w-]*:iam::(\d{12}|\*):role/[\w+=,.@/-]+")
 
 def ec2_role_policy(bucket: str, sagemaker_role_arn: str, prefix: Optional[str] = None, allow_delete: bool = False,
-                    *, project_name: str) -> dict:
-    "Permissions of the EC2 workstation role: the store, its own logs, and launching/following the project's SageMaker jobs."
+                    *, project_name: str, region: Optional[str] = None, account: Optional[str] = None) -> dict:
+    "Permissions of the EC2 workstation role: the store, its own logs, and launching/following the project's SageMaker jobs (ARNs pinned to `region`/`account` when known)."
     if not ROLE_ARN_RE.fullmatch(sagemaker_role_arn or ""):
         raise ValueError(f"sagemaker_role_arn {sagemaker_role_arn!r} is not a role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
+    if account and ":iam::*:" in sagemaker_role_arn:   # pass only the role of this account
+        sagemaker_role_arn = sagemaker_role_arn.replace(":iam::*:", f":iam::{account}:")
+    r, a = region or "*", account or "*"
     return _policy(
         *s3_statements(bucket, prefix, allow_delete),
         {"Sid": "WriteInstanceLogs", "Effect": "Allow",
          "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
-         "Resource": ["arn:aws:logs:*:*:log-group:/nlpmt/*", "arn:aws:logs:*:*:log-group:/nlpmt/*:log-stream:*"]},
+         "Resource": [f"arn:aws:logs:{r}:{a}:log-group:/nlpmt/*", f"arn:aws:logs:{r}:{a}:log-group:/nlpmt/*:log-stream:*"]},
         {"Sid": "ReadJobLogs", "Effect": "Allow",
          "Action": ["logs:DescribeLogStreams", "logs:GetLogEvents", "logs:FilterLogEvents"],
-         "Resource": log_group_arns()},
+         "Resource": log_group_arns(r, a)},
         {"Sid": "RunSageMakerJobs", "Effect": "Allow",
          "Action": ["sagemaker:CreateTrainingJob", "sagemaker:CreateProcessingJob", "sagemaker:DescribeTrainingJob",
                     "sagemaker:DescribeProcessingJob", "sagemaker:StopTrainingJob", "sagemaker:StopProcessingJob",
                     "sagemaker:AddTags", "sagemaker:ListTags"],
-         "Resource": job_arns(project_name)},
+         "Resource": job_arns(project_name, r, a)},
         {"Sid": "ListSageMakerJobs", "Effect": "Allow",
          "Action": ["sagemaker:ListTrainingJobs", "sagemaker:ListProcessingJobs"], "Resource": "*"},
         {"Sid": "PassOnlyTheSageMakerRole", "Effect": "Allow", "Action": "iam:PassRole", "Resource": sagemaker_role_arn,
@@ -556,16 +568,17 @@ def bootstrap(config, bucket: str, prefix: Optional[str] = None, allow_delete: b
     prefix = check_key(prefix or "", allow_empty=True) or None
     account = boto_client("sts", region).get_caller_identity()["Account"]
     s3, iam, tags = boto_client("s3", region), boto_client("iam", region), aws_tags(config)
-    sagemaker_doc = sagemaker_role_policy(bucket, prefix, allow_delete, config.project.image_uri)
+    sagemaker_doc = sagemaker_role_policy(bucket, prefix, allow_delete, config.project.image_uri, region=region, account=account)
     sagemaker_arn = f"arn:aws:iam::{account}:role/{names.sagemaker_role}"
-    ec2_doc = ec2_role_policy(bucket, sagemaker_arn, prefix, allow_delete, project_name=config.project.name)
+    ec2_doc = ec2_role_policy(bucket, sagemaker_arn, prefix, allow_delete, project_name=config.project.name,
+                              region=region, account=account)
     for doc in (sagemaker_doc, ec2_doc):   # never install a policy our own checker would flag
         problems = check_policy(doc, bucket, prefix, allow_delete)
         if problems: raise RuntimeError("generated policy is over-broad: " + "; ".join(problems))
     done = ensure_bucket(s3, bucket, region, require_tls)
-    sagemaker_arn, d1 = ensure_role(iam, names.sagemaker_role, trust_policy("sagemaker.amazonaws.com"),
+    sagemaker_arn, d1 = ensure_role(iam, names.sagemaker_role, trust_policy("sagemaker.amazonaws.com", account, region),
                                     {SAGEMAKER_POLICY_NAME: sagemaker_doc}, tags, "nlpmt SageMaker execution role")
-    ec2_arn, d2 = ensure_role(iam, names.ec2_role, trust_policy("ec2.amazonaws.com"), {EC2_POLICY_NAME: ec2_doc},
+    ec2_arn, d2 = ensure_role(iam, names.ec2_role, trust_policy("ec2.amazonaws.com", account, region), {EC2_POLICY_NAME: ec2_doc},
                               tags, "nlpmt EC2 JupyterLab workstation")
     profile_arn, d3 = ensure_instance_profile(iam, names.instance_profile, names.ec2_role, tags)
     result = dict(account=account, region=region, bucket=bucket, prefix=prefix, sagemaker_role_arn=sagemaker_arn,
@@ -941,19 +954,32 @@ def _print_json(obj) -> None:
     "Print `obj` as indented JSON."
     print(json.dumps(obj, indent=2, default=str))
 
+def _policy_scope(args, config) -> tuple[Optional[str], Optional[str]]:
+    "Region and account the policies are pinned to: --region/--account, else the config's region and role ARN's account."
+    region = getattr(args, "region", None) or config().project.region
+    account = getattr(args, "account", None)
+    if not account:
+        m = ROLE_ARN_RE.fullmatch(getattr(args, "sagemaker_role_arn", None) or config().project.role_arn or "")
+        account = m.group(1) if m and m.group(1) != "*" else None
+    if account and not ACCOUNT_RE.fullmatch(account): raise ValueError(f"--account {account!r} is not a 12-digit AWS account id")
+    return region, account
+
 def cmd_policy(args) -> int:
     "Print a role's permission and trust policies."
     config = lambda: _config(args)   # only read when a value has to come from the config
     bucket = args.bucket or config().project.bucket
     if not bucket: raise ValueError("--bucket is required (no project.bucket in the config)")
+    region, account = _policy_scope(args, config)
     if args.role == "sagemaker":
-        permissions = sagemaker_role_policy(bucket, args.prefix, args.allow_delete, config().project.image_uri)
-        trust = trust_policy("sagemaker.amazonaws.com")
+        permissions = sagemaker_role_policy(bucket, args.prefix, args.allow_delete, config().project.image_uri,
+                                            region=region, account=account)
+        trust = trust_policy("sagemaker.amazonaws.com", account, region)
     else:
         role_arn = args.sagemaker_role_arn or config().project.role_arn or \
-            f"arn:aws:iam::*:role/{aws_names(config().project.name).sagemaker_role}"
-        permissions = ec2_role_policy(bucket, role_arn, args.prefix, args.allow_delete, project_name=config().project.name)
-        trust = trust_policy("ec2.amazonaws.com")
+            f"arn:aws:iam::{account or '*'}:role/{aws_names(config().project.name).sagemaker_role}"
+        permissions = ec2_role_policy(bucket, role_arn, args.prefix, args.allow_delete, project_name=config().project.name,
+                                      region=region, account=account)
+        trust = trust_policy("ec2.amazonaws.com", account, region)
     _print_json({"permissions": permissions, "trust": trust} if args.part == "all" else permissions if args.part == "permissions" else trust)
     return 0
 
@@ -1079,6 +1105,9 @@ def _register_aws(subparsers) -> None:
     p.add_argument("--allow-delete", action="store_true", help="also allow s3:DeleteObject (only for `sync up --delete`)")
     p.add_argument("--sagemaker-role-arn", help="ec2: the role it may pass to SageMaker (default: project.role_arn)")
     p.add_argument("--part", choices=["all", "permissions", "trust"], default="all", help="which document to print")
+    p.add_argument("--account", help="12-digit account id the ARNs and trust conditions are pinned to "
+                   "(default: the account of project.role_arn; unknown: '*' in ARNs, no trust condition)")
+    p.add_argument("--region", help="region the log-group and job ARNs are pinned to (default: project.region)")
     p = leaf(sub, "check-policy", cmd_check_policy, "flag over-broad statements in a policy JSON file (exit 1 if any)")
     p.add_argument("file"); p.add_argument("--bucket"); p.add_argument("--prefix")
     p.add_argument("--allow-delete", action="store_true", help="accept s3:DeleteObject")

@@ -8,7 +8,7 @@ Docs: https://nlpmt.github.io/nlpmt/storage.html.md"""
 
 # %% ../nbs/01_storage.ipynb #c003
 from __future__ import annotations
-import hashlib, io, json, os, shutil, sys, tempfile, uuid
+import hashlib, io, json, os, re, shutil, sys, tempfile, uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional
@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 from .core import project_root, load_config, sha256_bytes
 
 # %% auto #0
-__all__ = ['LAYOUT', 'TOP_LEVEL', 'MULTIPART_THRESHOLD', 'MULTIPART_CHUNK', 'SPLITS', 'DATA_REPORT_KEY', 'StoreError',
-           'UnsafeKeyError', 'check_key', 'join_key', 'safe_local_path', 'file_etag', 'bytes_etag', 'ObjectInfo',
-           'Store', 'temp_sibling', 'atomic_write_bytes', 'atomic_copy_file', 'LocalStore', 'aws_endpoint',
-           'boto_client', 'transfer_config', 'parse_s3_uri', 'S3Store', 'open_store', 'temp_store', 'SyncReport',
-           'copy_object', 'sync', 'sync_up', 'sync_down', 'split_key', 'read_data_report', 'split_hashes', 'read_split',
-           'save_figure']
+__all__ = ['LAYOUT', 'TOP_LEVEL', 'MULTIPART_THRESHOLD', 'MULTIPART_CHUNK', 'S3_BUCKET_RULE', 'SPLITS', 'DATA_REPORT_KEY',
+           'StoreError', 'UnsafeKeyError', 'check_key', 'join_key', 'safe_local_path', 'file_etag', 'bytes_etag',
+           'ObjectInfo', 'Store', 'temp_sibling', 'atomic_write_bytes', 'atomic_copy_file', 'LocalStore',
+           'aws_endpoint', 'boto_client', 'transfer_config', 'bucket_name_problem', 'parse_s3_uri', 'S3Store',
+           'open_store', 'temp_store', 'SyncReport', 'copy_object', 'sync', 'sync_up', 'sync_down', 'split_key',
+           'read_data_report', 'split_hashes', 'read_split', 'save_figure']
 
 # %% ../nbs/01_storage.ipynb #c005
 LAYOUT = ("data/raw", "data/processed", "results/baseline", "results/transformer", "models/checkpoints",
@@ -236,11 +236,33 @@ def transfer_config():
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
                           max_concurrency=4, use_threads=True)
 
+S3_BUCKET_RULE = ("S3 bucket names are 3-63 characters of lower-case letters, digits, '.' and '-', start and end with "
+                  "a letter or digit, have no '..', are not IP addresses, do not start with 'xn--', 'sthree-' or "
+                  "'amzn-s3-demo-' and do not end with '-s3alias', '--ol-s3', '.mrap', '--x-s3' or '--table-s3'")
+
+def bucket_name_problem(bucket) -> Optional[str]:
+    "What is wrong with an S3 bucket name (S3's general-purpose naming rules), or None when it is valid."
+    if not isinstance(bucket, str): return f"is not a string ({type(bucket).__name__})"
+    if len(bucket) < 3: return f"is too short ({len(bucket)} characters; at least 3)"
+    if len(bucket) > 63: return f"is too long ({len(bucket)} characters; at most 63)"
+    bad = sorted(set(re.sub(r"[a-z0-9.-]", "", bucket)))
+    if bad: return f"has characters S3 does not allow: {''.join(bad)!r}" + (" (upper case)" if any(c.isupper() for c in bad) else "")
+    if not (bucket[0].isalnum() and bucket[-1].isalnum()): return "does not start and end with a letter or digit"
+    if ".." in bucket: return "has two adjacent periods"
+    if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket): return "is formatted as an IP address"
+    for head in ("xn--", "sthree-", "amzn-s3-demo-"):
+        if bucket.startswith(head): return f"starts with the reserved prefix {head!r}"
+    for tail in ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"):
+        if bucket.endswith(tail): return f"ends with the reserved suffix {tail!r}"
+    return None
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    "Split `s3://bucket/prefix` into bucket and (checked) prefix."
+    "Split `s3://bucket/prefix` into a (valid) bucket name and a (checked) prefix."
     if not uri.startswith("s3://"): raise ValueError(f"not an s3:// URI: {uri!r}")
     bucket, _, prefix = uri[5:].partition("/")
     if not bucket: raise ValueError(f"no bucket in {uri!r}")
+    problem = bucket_name_problem(bucket)
+    if problem: raise ValueError(f"{uri!r}: bucket name {bucket!r} {problem}. {S3_BUCKET_RULE}")
     return bucket, check_key(prefix, allow_empty=True)
 
 # %% ../nbs/01_storage.ipynb #c019

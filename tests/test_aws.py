@@ -112,7 +112,11 @@ def test_policies_are_least_privilege(capsys, tmp_path):
     assert {"sagemaker:CreateTrainingJob", "sagemaker:CreateProcessingJob", "sagemaker:StopTrainingJob", "sagemaker:AddTags",
             "sagemaker:DescribeProcessingJob"} <= set(run_jobs["Action"])
     project = yaml.safe_load((ROOT/"configs"/"project.yaml").read_text())["name"]
-    assert run_jobs["Resource"] == [f"arn:aws:sagemaker:*:*:training-job/{project}-*", f"arn:aws:sagemaker:*:*:processing-job/{project}-*"]
+    # the account (from the role ARN) and the region (project.region) are known: every job and log ARN names them
+    assert run_jobs["Resource"] == [f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{project}-*",
+                                    f"arn:aws:sagemaker:us-east-1:123456789012:processing-job/{project}-*"]
+    assert all(r.startswith("arn:aws:logs:us-east-1:123456789012:log-group:")
+               for s in ("ReadJobLogs", "WriteInstanceLogs") for r in statements(ec2)[s]["Resource"])
     assert {r.split(":log-group:")[1].split(":")[0] for r in statements(ec2)["ReadJobLogs"]["Resource"]} == \
         {"/aws/sagemaker/TrainingJobs", "/aws/sagemaker/ProcessingJobs"}
     rc, out, _ = run(capsys, "aws", "policy", "ec2", "--bucket", "my-bucket", "--part", "trust", "--config-dir", ROOT/"configs")
@@ -205,8 +209,14 @@ def test_bootstrap_is_idempotent_and_repairs_drift(aws_env, project, capsys):
     rule = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"][0]
     assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     role = f"{name}-sagemaker-execution"
-    assert iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"] == aws.trust_policy("sagemaker.amazonaws.com")
-    assert iam.get_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME)["PolicyDocument"] == aws.sagemaker_role_policy(bucket)
+    trust = iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"]
+    assert trust == aws.trust_policy("sagemaker.amazonaws.com", "123456789012", "us-east-1")
+    assert trust["Statement"][0]["Condition"] == {"StringEquals": {"aws:SourceAccount": "123456789012"},
+                                                  "ArnLike": {"aws:SourceArn": "arn:aws:sagemaker:us-east-1:123456789012:*"}}
+    assert iam.get_role(RoleName=f"{name}-ec2")["Role"]["AssumeRolePolicyDocument"]["Statement"][0]["Condition"] == \
+        {"StringEquals": {"aws:SourceAccount": "123456789012"}}
+    assert iam.get_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME)["PolicyDocument"] == \
+        aws.sagemaker_role_policy(bucket, region="us-east-1", account="123456789012")
     profile = iam.get_instance_profile(InstanceProfileName=f"{name}-ec2")["InstanceProfile"]
     assert [r["RoleName"] for r in profile["Roles"]] == [f"{name}-ec2"]
     ec2_doc = iam.get_role_policy(RoleName=f"{name}-ec2", PolicyName=aws.EC2_POLICY_NAME)["PolicyDocument"]
@@ -228,6 +238,8 @@ def test_bootstrap_is_idempotent_and_repairs_drift(aws_env, project, capsys):
 
     rc, _, err = run(capsys, "aws", "bootstrap", "--bucket", "Bad_Bucket", "--config-dir", project/"configs")
     assert rc == 1 and "--bucket 'Bad_Bucket' is not a valid S3 bucket name" in err
+    rc, _, err = run(capsys, "aws", "bootstrap", "--bucket", "ab", "--config-dir", project/"configs")
+    assert rc == 1 and "is too short (2 characters; at least 3)" in err and "S3 bucket names are 3-63 characters" in err
 
 
 def test_bootstrap_require_tls_denies_plain_http(aws_env, project, capsys):
@@ -573,3 +585,50 @@ def test_user_data_script_installs_syncs_and_serves_jupyterlab(aws_env, s3_bucke
                 time.sleep(0.1)
             else: os.kill(pid, signal.SIGKILL)
     with pytest.raises(ProcessLookupError): os.kill(pid, 0)
+
+
+def test_trust_policies_carry_confused_deputy_conditions_and_arns_are_pinned(capsys):
+    "Issue 11 (IAM): aws:SourceAccount on both trust policies, aws:SourceArn for SageMaker, region/account in every ARN."
+    account = "210987654321"
+    rc, out, _ = run(capsys, "aws", "policy", "sagemaker", "--bucket", "my-bucket", "--account", account,
+                     "--region", "eu-west-1", "--config-dir", ROOT/"configs")
+    doc = json.loads(out)
+    assert rc == 0 and aws.check_policy(doc["permissions"], "my-bucket") == []
+    (trust,) = doc["trust"]["Statement"]
+    assert trust["Condition"] == {"StringEquals": {"aws:SourceAccount": account},
+                                  "ArnLike": {"aws:SourceArn": f"arn:aws:sagemaker:eu-west-1:{account}:*"}}
+    assert all(r.startswith(f"arn:aws:logs:eu-west-1:{account}:log-group:/aws/sagemaker/")
+               for r in statements(doc["permissions"])["WriteJobLogs"]["Resource"])
+    # the generated role still allows every job need in its own account and region, and none in another account
+    needs = aws.sagemaker_job_needs("my-bucket", None, region="eu-west-1", account=account)
+    assert all(aws.policy_allows([doc["permissions"]], a, r) for a, r in needs)
+    other = aws.sagemaker_job_needs("my-bucket", None, region="eu-west-1", account="111111111111")
+    assert not aws.policy_allows([doc["permissions"]], *next((a, r) for a, r in other if r.startswith("arn:aws:logs")))
+    # EC2: account condition (EC2 sends no source ARN for an instance profile); PassRole of this account's role only
+    rc, out, _ = run(capsys, "aws", "policy", "ec2", "--bucket", "my-bucket", "--account", account, "--config-dir", ROOT/"configs")
+    doc = json.loads(out)
+    assert rc == 0 and aws.check_policy(doc["permissions"], "my-bucket") == []
+    assert doc["trust"]["Statement"][0]["Condition"] == {"StringEquals": {"aws:SourceAccount": account}}
+    name = yaml.safe_load((ROOT/"configs"/"project.yaml").read_text())["name"]
+    assert statements(doc["permissions"])["PassOnlyTheSageMakerRole"]["Resource"] == \
+        f"arn:aws:iam::{account}:role/{name}-sagemaker-execution"
+    assert all(f":us-east-1:{account}:" in r for r in statements(doc["permissions"])["RunSageMakerJobs"]["Resource"])
+    # unknown account: no condition is invented, ARNs keep '*'; a malformed account is an error naming it
+    rc, out, _ = run(capsys, "aws", "policy", "sagemaker", "--bucket", "my-bucket", "--part", "trust", "--config-dir", ROOT/"configs")
+    assert rc == 0 and "Condition" not in json.loads(out)["Statement"][0]
+    rc, _, err = run(capsys, "aws", "policy", "sagemaker", "--bucket", "my-bucket", "--account", "12345", "--config-dir", ROOT/"configs")
+    assert rc == 1 and "'12345' is not a 12-digit AWS account id" in err
+
+
+@pytest.mark.parametrize("bucket,reason", [("ab", "is too short (2 characters; at least 3)"),
+                                           ("x" * 64, "is too long (64 characters; at most 63)"),
+                                           ("My_Bucket", "has characters S3 does not allow"),
+                                           ("my..bucket", "has two adjacent periods"),
+                                           ("192.168.1.1", "is formatted as an IP address"),
+                                           ("xn--bucket", "starts with the reserved prefix 'xn--'")])
+def test_invalid_bucket_names_get_the_reason_and_s3_naming_rule(capsys, bucket, reason):
+    from nlpmt.storage import parse_s3_uri
+    rc, _, err = run(capsys, "aws", "policy", "sagemaker", "--bucket", bucket, "--config-dir", ROOT/"configs")
+    assert rc == 1 and reason in err and "S3 bucket names are 3-63 characters" in err
+    with pytest.raises(ValueError, match="S3 bucket names are 3-63 characters") as e: parse_s3_uri(f"s3://{bucket}/proj")
+    assert reason in str(e.value)                      # a store URI says the same, before any request is made
