@@ -351,13 +351,13 @@ def run_local_many(specs: list[JobSpec], gpus: Optional[list[str]] = None, out=N
             t = threading.Thread(target=work, args=(i, spec), daemon=True); t.start(); threads.append(t)
         for t in threads:
             while t.is_alive(): t.join(0.5)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         stopping.set()
         print("\nnlpmt: stopping all jobs (SIGTERM sent; stages may save checkpoints)", file=out or sys.stdout, flush=True)
         with _running_lock: procs = list(_running.values())
         for proc in procs: proc.send_signal(signal.SIGTERM)
         for t in threads: t.join(180)
-        raise JobInterrupted([results[i] for i in sorted(results)])
+        raise JobInterrupted([results[i] for i in sorted(results)], getattr(e, "signum", signal.SIGINT))
     return [results[i] for i in range(len(threads))]
 
 # %% ../nbs/06_jobs.ipynb #c024

@@ -187,7 +187,7 @@ def test_detached_job_outlives_the_command_and_finishes_its_own_bookkeeping(tmp_
 
 # ---------------------------------------------------------------- slow: a tiny transformer killed mid-training
 
-TRAIN = dict(epochs=4, learning_rate=1e-2, batch_size=8, max_length=32, save_steps=5, precision="fp32", num_threads=1)
+TRAIN = dict(epochs=3, learning_rate=1e-2, batch_size=8, max_length=32, save_steps=5, precision="fp32", num_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +195,8 @@ def transformer_job(tmp_path_factory):
     "A seeded data store, a tiny BERT, and the metrics of an uninterrupted `nlpmt run transformer` of them."
     from nlpmt.transformer import make_tiny_bert, separable_texts
     from test_transformer import seed_store
-    model = make_tiny_bert(tmp_path_factory.mktemp("models")/"tiny-bert", separable_texts(600)["text"])
-    data = tmp_path_factory.mktemp("data"); seed_store(LocalStore(data), n=600)
+    model = make_tiny_bert(tmp_path_factory.mktemp("models")/"tiny-bert", separable_texts(300)["text"])
+    data = tmp_path_factory.mktemp("data"); seed_store(LocalStore(data), n=300)
     args = ["-p", "model_name", str(model)] + [a for k, v in TRAIN.items() for a in ("-p", k, str(v))]
     ref = tmp_path_factory.mktemp("reference"); shutil.copytree(data, ref/"store")
     cli = Cli(ref, [NLPMT, "run", "transformer", "--store", str(ref/"store"), *args])
@@ -218,26 +218,30 @@ def wait_for_checkpoint(store: Path, cli: Cli, min_step: int, timeout: float = 3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_killing_nlpmt_run_mid_training_stops_the_job_and_the_next_run_resumes_to_the_same_result(transformer_job, tmp_path, how):
+def test_nlpmt_run_killed_mid_training_by_sigterm_then_sigkill_stops_each_time_and_resumes_to_the_same_result(transformer_job, tmp_path):
+    "Two interrupted runs (SIGTERM to the command, then SIGKILL), then a third that resumes: the uninterrupted result."
     data, args, reference = transformer_job
     store = tmp_path/"store"; shutil.copytree(data, store)
-    cli = Cli(tmp_path, [NLPMT, "run", "transformer", "--store", str(store), *args])
-    try:
-        wait_for_checkpoint(store, cli, min_step=10)
-        if how == "SIGTERM":
-            cli.proc.send_signal(signal.SIGTERM); assert cli.proc.wait(120) == 143, cli.text()[-4000:]
-        else:
-            cli.proc.kill(); cli.proc.wait(10)
-        assert_stopped_cleanly(cli, store, "transformer", how)
-        assert not (store/"results"/"transformer"/"tiny-bert_metrics.json").exists(), "the run finished before the kill"
-        assert "SIGTERM received" in (only_run(store)/"transformer.log").read_text()   # the stage's checkpoint handler ran
-    finally: cli.close()
-    shutil.rmtree(store/"results"/"notebooks")
+    step = 0
+    for how in ("SIGTERM", "SIGKILL"):
+        cli = Cli(tmp_path, [NLPMT, "run", "transformer", "--store", str(store), *args])
+        try:
+            step = wait_for_checkpoint(store, cli, min_step=step + 10)
+            if how == "SIGTERM":
+                cli.proc.send_signal(signal.SIGTERM); assert cli.proc.wait(120) == 143, cli.text()[-4000:]
+            else:
+                cli.proc.kill(); cli.proc.wait(10)
+            assert_stopped_cleanly(cli, store, "transformer", how)
+            assert not (store/"results"/"transformer"/"tiny-bert_metrics.json").exists(), f"the run finished before {how}"
+            log = (only_run(store)/"transformer.log").read_text()
+            assert "SIGTERM received" in log                       # the stage's checkpoint handler ran
+            if how == "SIGKILL": assert "the nlpmt command that started this job is gone" in log
+        finally: cli.close()
+        shutil.rmtree(store/"results"/"notebooks")
     again = Cli(tmp_path, [NLPMT, "run", "transformer", "--store", str(store), *args])
     try: assert again.proc.wait(600) == 0, again.text()[-4000:]
     finally: again.close()
     resumed = json.loads((store/"results"/"transformer"/"tiny-bert_metrics.json").read_text())
-    assert resumed["resumed_from_step"] and resumed["resumed_from_step"] < reference["steps"]
+    assert step <= resumed["resumed_from_step"] < reference["steps"]
     for key in ("validation", "test", "predictions", "steps", "best_step"):
         assert resumed[key] == reference[key], key
