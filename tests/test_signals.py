@@ -185,6 +185,23 @@ def test_detached_job_outlives_the_command_and_finishes_its_own_bookkeeping(tmp_
     assert bad.returncode == 1 and "--detach starts one job" in bad.stderr
 
 
+def test_a_detached_job_stops_cleanly_on_sigterm(tmp_path):
+    "What the --detach message promises: `kill -TERM PID` checkpoints, records Stopped, uploads the log, cleans up."
+    store = tmp_path/"store"
+    cli = Cli(tmp_path, [NLPMT, "run", SLEEP, "--store", str(store), "--detach"])
+    try:
+        assert cli.proc.wait(120) == 0, cli.text()
+        out = cli.text()
+        pid = int(out.split("runs detached as process ")[1].split()[0])
+        log = Path(out.split("log while it runs: ")[1].split()[0])
+        deadline = time.time() + 120
+        while "training started" not in (log.read_text() if log.exists() else "") and time.time() < deadline: time.sleep(0.1)
+        os.kill(pid, signal.SIGTERM)
+        assert_stopped_cleanly(cli, store, "sleep", "SIGTERM to the detached job")
+        assert (store/"models"/"checkpoints"/"checkpoint.txt").read_text() == "step 1\n"
+    finally: cli.close()
+
+
 # ---------------------------------------------------------------- slow: a tiny transformer killed mid-training
 
 TRAIN = dict(epochs=3, learning_rate=1e-2, batch_size=8, max_length=32, save_steps=5, precision="fp32", num_threads=1)
