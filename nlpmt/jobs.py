@@ -252,8 +252,8 @@ def run_local(spec: JobSpec, gpu: Optional[str] = None, prefix: str = "", out=No
         with open(log_path, "wb") as log:       # the job writes its own log: nothing breaks if this process dies
             proc = subprocess.Popen(cmd, env=env, cwd=str(project_root_or_cwd()), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(watch_fd,))
-    except BaseException:
-        os.close(alive_fd); raise
+    except BaseException:                       # no job started: nothing to stop, nothing to keep
+        os.close(alive_fd); shutil.rmtree(root, ignore_errors=True); raise
     finally: os.close(watch_fd)
     ended = threading.Event()
     follower = threading.Thread(target=follow_file, args=(log_path, [out], ended, prefix), daemon=True)

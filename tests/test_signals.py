@@ -202,6 +202,27 @@ def test_a_detached_job_stops_cleanly_on_sigterm(tmp_path):
     finally: cli.close()
 
 
+def test_a_runner_whose_command_is_already_gone_never_starts_the_notebook(tmp_path):
+    "The runner contract alone: the parent-watch pipe is closed at once, so the notebook never runs; the job finishes itself."
+    from nlpmt.supervise import write_job_plan
+    opt_ml, store = tmp_path/"opt-ml", tmp_path/"store"
+    opt_ml.mkdir()
+    write_job_plan(opt_ml, str(store), "results/notebooks/r0/sleep.log")
+    watch, alive = os.pipe(); os.close(alive)                     # the "command" died before the job started
+    env = {**os.environ, "NLPMT_OPT_ML": str(opt_ml), "NLPMT_PARENT_FD": str(watch), "PYTHONUNBUFFERED": "1"}
+    with open(opt_ml/"job.log", "wb") as log:
+        rc = subprocess.run([sys.executable, "-m", "nlpmt.runner", "--stage", SLEEP, "--store", str(store), "--run-id", "r0"],
+                            env=env, pass_fds=(watch,), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            cwd=ROOT, timeout=120).returncode
+    os.close(watch)
+    assert rc == 143
+    record = json.loads((store/"results"/"notebooks"/"r0"/"sleep.json").read_text())
+    assert record["status"] == "Stopped" and "stopped by SIGTERM" in record["failure"]
+    log = (store/"results"/"notebooks"/"r0"/"sleep.log").read_text()
+    assert "the nlpmt command that started this job is gone" in log and "training started" not in log
+    assert not opt_ml.exists()                                     # the job removed its own folder
+
+
 # ---------------------------------------------------------------- slow: a tiny transformer killed mid-training
 
 TRAIN = dict(epochs=3, learning_rate=1e-2, batch_size=8, max_length=32, save_steps=5, precision="fp32", num_threads=1)
