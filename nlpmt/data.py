@@ -9,7 +9,7 @@ Docs: https://nlpmt.github.io/nlpmt/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #c003
 from __future__ import annotations
-import csv, dataclasses, io, json, os, re, string, sys, tempfile, urllib.request
+import dataclasses, io, json, os, re, sys, tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -18,20 +18,20 @@ import pandas as pd
 from tqdm.auto import tqdm
 from .core import (Config, ConfigError, DataConfig, from_dict, load_config, project_root, provenance,
                         sha256_bytes)
-from .storage import (DATA_REPORT_KEY, SPLITS, S3Store, Store, StoreError, open_store, parse_s3_uri,
+from .storage import (DATA_REPORT_KEY, SPLITS, Store, StoreError, open_store,
                            save_figure, split_key, temp_store)
 from .formats import DataError, RawInput, check_format_name, clip, is_store_key, parse_records, read_raw, where
 from .datasets import IMBALANCE_FLAG, apply_profile, imbalance, resolve_layout
+from .dedup import check_leakage, find_duplicates, normalise_texts, string_codes, word_counts
+from .ag_news import (AG_NEWS_KEY, AG_NEWS_LABELS, AG_NEWS_LAYOUT, AG_NEWS_URL, _exists, _sibling, ag_news_layout,
+                           ag_news_local_dir, ag_news_source, download_ag_news)
 
 # %% auto #0
-__all__ = ['REASONS', 'PROBLEM_NAMES', 'DROP_WARN_SHARE', 'LENGTH_SAMPLE', 'FIGURE_KEYS', 'AG_NEWS_URL', 'AG_NEWS_LABELS',
-           'AG_NEWS_KEY', 'AG_NEWS_LAYOUT', 'read_label_names', 'infer_index_base', 'label_mapping', 'join_text',
-           'clean_rows', 'normalise_texts', 'word_counts', 'string_codes', 'find_duplicates', 'check_fractions',
-           'split_sizes', 'stratified_split', 'check_leakage', 'plot_class_distribution', 'length_stats',
-           'plot_text_lengths', 'ag_news_layout', 'download_ag_news', 'ag_news_local_dir', 'ag_news_source',
-           'effective_data_config', 'config_folder', 'resolve_inputs', 'problem_message', 'split_csv_bytes',
-           'data_hash', 'drop_warnings', 'prepare_data', 'print_drop_summary', 'synthetic_corpus', 'demo_sample',
-           'prepare_demo_data']
+__all__ = ['REASONS', 'PROBLEM_NAMES', 'DROP_WARN_SHARE', 'LENGTH_SAMPLE', 'FIGURE_KEYS', 'read_label_names', 'infer_index_base',
+           'label_mapping', 'join_text', 'clean_rows', 'check_fractions', 'split_sizes', 'stratified_split',
+           'plot_class_distribution', 'length_stats', 'plot_text_lengths', 'effective_data_config', 'config_folder',
+           'resolve_inputs', 'problem_message', 'split_csv_bytes', 'data_hash', 'drop_warnings', 'prepare_data',
+           'print_drop_summary', 'synthetic_corpus', 'demo_sample', 'prepare_demo_data']
 
 # %% ../nbs/02_data.ipynb #c007
 REASONS = {
@@ -118,87 +118,6 @@ def clean_rows(rows: pd.DataFrame, cfg: DataConfig, label_names: Optional[list[s
     rows["text"], rows["label"], rows["raw_label"] = text, label.astype("str"), raw_label
     return rows, labels
 
-# %% ../nbs/02_data.ipynb #c021
-_DROP_BYTES = np.zeros(256, dtype=bool)
-_DROP_BYTES[[ord(c) for c in string.punctuation + string.whitespace]] = True
-_SPACE_BYTES = np.zeros(256, dtype=bool)
-_SPACE_BYTES[[ord(c) for c in string.whitespace]] = True
-
-def _utf8_buffers(texts) -> tuple:
-    "The (large_string) arrow array of `texts`, its offsets rebased to 0 and its data bytes as numpy."
-    import pyarrow as pa
-    arr = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(pd.Series(texts, dtype="str").fillna(""))
-    if isinstance(arr, pa.ChunkedArray): arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.large_string())
-    arr = arr.cast(pa.large_string())
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1]
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    return arr, offsets - offsets[0], data[offsets[0]: offsets[-1]]
-
-def _prefix_sums_at(mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    "`mask[:p].sum()` for each of the ascending `positions`: binary search in the sparser side's positions."
-    if 2 * np.count_nonzero(mask) > len(mask):  # dense: count the False bytes instead
-        return positions - np.searchsorted(np.flatnonzero(~mask), positions)
-    return np.searchsorted(np.flatnonzero(mask), positions).astype(np.int64)
-
-def _segment_sums(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    "Sum of `mask` within each [offsets[i], offsets[i+1]) segment (empty segments give 0)."
-    prefix = _prefix_sums_at(mask, offsets)
-    return prefix[1:] - prefix[:-1]
-
-def normalise_texts(texts) -> pd.Series:
-    "Comparison keys: NFKC, lower-cased, with all whitespace and ASCII punctuation removed."
-    import pyarrow as pa, pyarrow.compute as pc, unicodedata
-    arr, _, _ = _utf8_buffers(texts)
-    lower = pc.utf8_lower(arr)
-    non_ascii = pc.invert(pc.string_is_ascii(arr))
-    if pc.any(non_ascii).as_py():  # NFKC + casefold in Python, only for the (usually few) texts that need it
-        fixed = [unicodedata.normalize("NFKC", t).casefold() for t in arr.filter(non_ascii).to_pylist()]
-        lower = pc.replace_with_mask(lower, non_ascii, pa.array(fixed, pa.large_string()))
-    arr, offsets, data = _utf8_buffers(lower)
-    drop = _DROP_BYTES[data]
-    new_offsets = offsets - _prefix_sums_at(drop, offsets)
-    keys = pa.Array.from_buffers(pa.large_string(), len(arr), [None, pa.py_buffer(new_offsets), pa.py_buffer(data[~drop])])
-    out = keys.to_pandas().astype("str")
-    if isinstance(texts, pd.Series): out.index = texts.index
-    return out
-
-def word_counts(texts) -> np.ndarray:
-    "Number of whitespace-separated words in each text (vectorised on the UTF-8 bytes)."
-    _, offsets, data = _utf8_buffers(texts)
-    space = _SPACE_BYTES[data]
-    prev_space = np.ones_like(space); prev_space[1:] = space[:-1]
-    prev_space[offsets[:-1][offsets[:-1] < len(data)]] = True
-    return _segment_sums(~space & prev_space, offsets)
-
-# %% ../nbs/02_data.ipynb #c023
-def string_codes(values) -> np.ndarray:
-    "Integer codes with equal codes exactly for equal strings (pyarrow's hash dictionary encoding)."
-    import pyarrow as pa, pyarrow.compute as pc
-    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(pd.Series(values, dtype="str"))
-    if isinstance(arr, pa.ChunkedArray): arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.large_string())
-    return pc.dictionary_encode(arr).indices.to_numpy(zero_copy_only=False).astype(np.int64)
-
-def _repeats(codes: np.ndarray, among: np.ndarray) -> np.ndarray:
-    "True for rows in `among` whose code already occurred at an earlier row in `among`."
-    out = np.zeros(len(codes), dtype=bool)
-    out[among] = pd.Series(codes[among]).duplicated().to_numpy()
-    return out
-
-def find_duplicates(text: pd.Series, label: pd.Series, key: pd.Series, key_codes: Optional[np.ndarray] = None) -> pd.Series:
-    "Per row: 'conflicting_labels', 'duplicate_exact', 'duplicate_normalised' or None (keep)."
-    t, l = string_codes(text), string_codes(label)
-    k = string_codes(key) if key_codes is None else key_codes
-    pair = k * (int(l.max(initial=0)) + 1) + l
-    first_pair = ~pd.Series(pair).duplicated().to_numpy()
-    labels_per_key = np.bincount(k[first_pair], minlength=int(k.max(initial=-1)) + 1)
-    conflict = labels_per_key[k] > 1
-    exact = _repeats(t, np.flatnonzero(~conflict))
-    norm = _repeats(k, np.flatnonzero(~conflict & ~exact))
-    out = np.full(len(t), None, dtype=object)
-    out[conflict], out[exact], out[norm] = "conflicting_labels", "duplicate_exact", "duplicate_normalised"
-    return pd.Series(out, index=text.index)
-
 # %% ../nbs/02_data.ipynb #c026
 def check_fractions(val_frac: float, test_frac: float) -> None:
     "Raise unless 0 < val_frac, 0 < test_frac and val_frac + test_frac < 1."
@@ -224,20 +143,6 @@ def stratified_split(codes: np.ndarray, n_classes: int, val_frac: float, test_fr
     rank[order] = np.arange(len(codes)) - starts[codes[order]]
     n_test, n_val = sizes[codes, 2], sizes[codes, 1]
     return np.where(rank < n_test, 2, np.where(rank < n_test + n_val, 1, 0)).astype(np.int8)
-
-# %% ../nbs/02_data.ipynb #c029
-def check_leakage(texts_by_split: dict[str, pd.Series], codes_by_split: Optional[dict[str, np.ndarray]] = None) -> dict:
-    "Count normalised texts shared between splits: {'checked', 'overlapping_texts', 'pairs'}."
-    names = list(texts_by_split)
-    if codes_by_split is None:  # normalise and encode all splits together, so equal keys get equal codes
-        keys = [normalise_texts(texts_by_split[s]) for s in names]
-        codes = string_codes(pd.concat(keys, ignore_index=True)) if keys else np.zeros(0, np.int64)
-        bounds = np.cumsum([0] + [len(k) for k in keys])
-        codes_by_split = {s: codes[bounds[i]:bounds[i + 1]] for i, s in enumerate(names)}
-    n = int(max((c.max(initial=-1) for c in codes_by_split.values()), default=-1)) + 1
-    seen = {s: np.bincount(np.asarray(c, dtype=np.int64), minlength=n) > 0 for s, c in codes_by_split.items()}
-    pairs = {f"{a}/{b}": int((seen[a] & seen[b]).sum()) for i, a in enumerate(names) for b in names[i + 1:]}
-    return {"checked": True, "overlapping_texts": int(sum(pairs.values())), "pairs": pairs}
 
 # %% ../nbs/02_data.ipynb #c032
 LENGTH_SAMPLE = 200_000  # text-length statistics and figure use at most this many rows (a seeded sample)
@@ -303,85 +208,6 @@ def plot_text_lengths(words: np.ndarray, codes: np.ndarray, label_names: list[st
     ax_box.set_xlabel("words per text (box: quartiles, whiskers: 1.5 IQR)")
     for a in (ax_hist, ax_box): a.spines[["top", "right"]].set_visible(False)
     return fig
-
-# %% ../nbs/02_data.ipynb #c034
-AG_NEWS_URL = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv"
-AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-AG_NEWS_KEY = "data/raw/ag_news"
-AG_NEWS_LAYOUT = {"csv_header": False, "columns": ["label", "title", "description"], "label_field": "label",
-                  "label_index_base": 1}
-
-def _sibling(path: str, name: str) -> str:
-    "A file next to `path` (same folder, prefix or S3 'folder')."
-    return path.rsplit("/", 1)[0] + "/" + name if "/" in path else name
-
-def _exists(path: str, store: Optional[Store]) -> bool:
-    "Whether a local path, store key or s3:// URI exists (False when it cannot be checked)."
-    try:
-        if path.startswith("s3://"):
-            bucket, key = parse_s3_uri(path); return S3Store(f"s3://{bucket}").exists(key)
-        if is_store_key(path): return store is not None and store.exists(path)
-        return Path(path).is_file()
-    except Exception: return False
-
-def ag_news_layout(cfg: DataConfig, classes_path: str) -> DataConfig:
-    "`cfg` with the AG News CSV layout (keeps text fields that are AG News columns and explicit label names)."
-    fields = [f for f in cfg.text_fields if f in AG_NEWS_LAYOUT["columns"][1:]] or ["title", "description"]
-    names_file = None if cfg.label_names else (cfg.label_names_file or classes_path)
-    return dataclasses.replace(cfg, **AG_NEWS_LAYOUT, text_fields=fields, label_names_file=names_file)
-
-# %% ../nbs/02_data.ipynb #c035
-def _fetch(url: str, timeout: float, progress: bool) -> bytes:
-    "Download `url` into memory with a progress bar; a DataError naming the URL on failure."
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            chunks = []
-            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress) as bar:
-                for chunk in iter(lambda: resp.read(1 << 20), b""): chunks.append(chunk); bar.update(len(chunk))
-            return b"".join(chunks)
-    except (OSError, ValueError) as e:
-        raise DataError(f"could not download {url}: {e}; put train.csv, test.csv and classes.txt in a folder and "
-                        "set NLPMT_AG_NEWS_DIR to it") from None
-
-def download_ag_news(store: Store, splits=("train", "test"), base_url: Optional[str] = None, timeout: float = 60,
-                     progress: bool = True) -> dict[str, str]:
-    "Download the public AG News CSVs (and classes.txt) into `data/raw/ag_news/` of `store`; returns their keys."
-    base = (base_url or os.environ.get("NLPMT_AG_NEWS_URL") or AG_NEWS_URL).rstrip("/")
-    keys = {}
-    for split in splits:
-        if split not in ("train", "test"): raise ValueError(f"AG News has splits train and test, not {split!r}")
-        data = _fetch(f"{base}/{split}.csv", timeout, progress)
-        first = next(csv.reader(io.StringIO(data[:4096].decode("utf-8", errors="replace"), newline="")), [])
-        if len(first) != 3 or not first[0].strip().isdigit():
-            raise DataError(f"{base}/{split}.csv: does not look like an AG News CSV (first record {first[:3]!r})")
-        keys[split] = f"{AG_NEWS_KEY}/{split}.csv"
-        store.write_bytes(keys[split], data)
-    try: classes = _fetch(f"{base}/classes.txt", timeout, progress)
-    except DataError: classes = ("\n".join(AG_NEWS_LABELS) + "\n").encode()
-    keys["classes"] = f"{AG_NEWS_KEY}/classes.txt"
-    store.write_bytes(keys["classes"], classes)
-    return keys
-
-def ag_news_local_dir() -> Optional[Path]:
-    "The local AG News folder: `NLPMT_AG_NEWS_DIR`, else `../shared/data/ag_news` beside the project (or None)."
-    if os.environ.get("NLPMT_AG_NEWS_DIR"): return Path(os.environ["NLPMT_AG_NEWS_DIR"])
-    try: return project_root().parent/"shared"/"data"/"ag_news"
-    except FileNotFoundError: return None
-
-def ag_news_source(split: str, store: Store, base_url: Optional[str] = None, progress: bool = True,
-                   download: bool = True) -> tuple[str, str]:
-    "Path (or store key) of AG News `split` and of its classes.txt: local copy, store copy, or a fresh download."
-    if split not in ("train", "test"): raise DataError(f"ag_news://{split}: AG News has the splits train and test")
-    local = ag_news_local_dir()
-    if local is not None and (local/f"{split}.csv").is_file():
-        classes = local/"classes.txt"
-        return str(local/f"{split}.csv"), str(classes) if classes.is_file() else ""
-    key = f"{AG_NEWS_KEY}/{split}.csv"
-    if not store.exists(key):
-        if not download: raise DataError(f"AG News {split!r}: no local copy and no copy in {store.url(key)}")
-        download_ag_news(store, (split,), base_url, progress=progress)
-    return key, f"{AG_NEWS_KEY}/classes.txt"
 
 # %% ../nbs/02_data.ipynb #c036
 def _resolve(path: Optional[str], base: Path) -> Optional[str]:
