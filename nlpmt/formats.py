@@ -136,7 +136,7 @@ def _read_file_bytes(path: str, store: Optional[Store]) -> Optional[bytes]:
     return p.read_bytes() if p.is_file() else None
 
 def _folder_files(path: str, store: Optional[Store]) -> Optional[dict]:
-    "{relative path: bytes} of the files below a folder, store prefix or s3:// prefix; None if it has none / is none."
+    "{relative path: bytes} of the files (and `name/` for folders) below a folder, store or s3:// prefix; None if there is none."
     if path.startswith("s3://"):
         bucket, key = parse_s3_uri(path); src, prefix = S3Store(f"s3://{bucket}"), key.rstrip("/") + "/"
     elif is_store_key(path):
@@ -145,7 +145,8 @@ def _folder_files(path: str, store: Optional[Store]) -> Optional[dict]:
     else:
         p = Path(path).expanduser()
         if not p.is_dir(): return None
-        return {f.relative_to(p).as_posix(): f.read_bytes() for f in sorted(p.rglob("*")) if f.is_file()}
+        return {f.relative_to(p).as_posix() + ("/" if f.is_dir() else ""): b"" if f.is_dir() else f.read_bytes()
+                for f in sorted(p.rglob("*"))}   # folders as "name/" entries, so an empty label folder is seen
     keys = src.list(prefix)
     return {k[len(prefix):]: src.read_bytes(k) for k in keys} if keys else None
 
@@ -232,6 +233,8 @@ def detect_header(rows: list[list[str]]) -> bool:
     return True
 
 # %% ../nbs/02a_formats.ipynb #f022
+csv.field_size_limit(1 << 30)  # a long document is a valid value (the default limit is 128 KiB); messages clip values
+
 def _reader(text: str, delimiter: str):
     "A csv.reader for CSV (quoted) or TSV (no quoting)."
     if delimiter == "\t": return csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -446,12 +449,12 @@ def parse_folder(raw: RawInput, cfg: DataConfig, needed: Optional[list[str]]) ->
     "Parse a folder of `<label>/<file>` documents into records (text, label, file)."
     needed = FOLDER_FIELDS if needed is None else needed
     check_fields(needed, FOLDER_FIELDS, raw.path, "field")
-    files = {k: v for k, v in raw.files.items() if not any(p.startswith(".") for p in k.split("/"))}
+    files = {k: v for k, v in raw.files.items() if not k.endswith("/") and not any(p.startswith(".") for p in k.split("/"))}
     if not files: raise DataError(f"{raw.path}: empty folder: expected one subfolder per label holding text files")
     loose = [k for k in files if "/" not in k]
     if loose: raise DataError(f"{raw.path}: file {clip(loose[0])} is not in a label subfolder (expected <label>/<file>.txt)")
     labels_with_files = {k.split("/", 1)[0] for k in files}
-    dirs = {k.split("/", 1)[0] for k in raw.files if "/" in k}
+    dirs = {k.split("/", 1)[0] for k in raw.files if "/" in k and not k.startswith(".")}
     empty = sorted(dirs - labels_with_files)
     if empty: raise DataError(f"{raw.path}: label folder {clip(empty[0])} has no files")
     names, problems, details, values = sorted(files), [], [], {f: [] for f in needed}

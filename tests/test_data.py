@@ -301,7 +301,7 @@ def test_demo_data_is_a_stratified_ag_news_sample(ag_news_dir):
 
 def test_demo_data_synthesises_a_corpus_without_ag_news(tmp_path):
     shutil.copytree(ROOT/"configs", tmp_path/"configs")
-    cfg_file = tmp_path/"configs"/"data_config.yaml"
+    cfg_file = tmp_path/"configs"/"datasets"/"ag_news.yaml"
     cfg_file.write_text(cfg_file.read_text().replace("../shared/data/ag_news/", "missing/"))
     store = data.temp_store()
     report = prepare_demo_data(store, rows=400, seed=3, config=load_config(tmp_path/"configs"))
