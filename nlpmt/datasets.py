@@ -19,11 +19,11 @@ from .core import Config, ConfigError, DataConfig, from_dict, load_config, proje
 from .formats import DataError, FORMATS, RawInput, clip, detect_format, parse_records, read_raw
 
 # %% auto #0
-__all__ = ['DATASET_FIELDS', 'DEFAULT_DATASET', 'LABEL_NAME_TIERS', 'TEXT_NAMES', 'GUESS_BYTES', 'INSPECT_ROWS', 'LENGTH_ROWS',
-           'IMBALANCE_FLAG', 'profiles_dir', 'available_profiles', 'profile_file', 'load_profile', 'apply_profile',
-           'field_stats', 'describe_fields', 'guess_fields', 'resolve_layout', 'imbalance', 'percentiles',
-           'token_lengths', 'inspect_data', 'prepare_command', 'profile_of', 'format_inspection', 'write_profile',
-           'cmd_data_inspect', 'register_cli', 'dataset_override', 'dataset_paths']
+__all__ = ['DATASET_FIELDS', 'DEFAULT_DATASET', 'LABEL_NAME_TIERS', 'TEXT_NAMES', 'GUESS_BYTES', 'INSPECT_ROWS', 'STATS_ROWS',
+           'LENGTH_ROWS', 'IMBALANCE_FLAG', 'profiles_dir', 'available_profiles', 'profile_file', 'load_profile',
+           'apply_profile', 'field_stats', 'describe_fields', 'guess_fields', 'resolve_layout', 'imbalance',
+           'percentiles', 'token_lengths', 'inspect_data', 'prepare_command', 'profile_of', 'format_inspection',
+           'write_profile', 'cmd_data_inspect', 'register_cli', 'dataset_override', 'dataset_paths']
 
 # %% ../nbs/02b_datasets.ipynb #d005
 DATASET_FIELDS = ("raw_path", "raw_format", "csv_header", "columns", "text_fields", "label_field", "label_names",
@@ -128,10 +128,10 @@ def describe_fields(stats: list[dict]) -> str:
                      f"e.g. {', '.join(clip(e, 40) for e in s['examples'])}" for s in stats)
 
 def guess_fields(records: pd.DataFrame, source: str, text_fields: Optional[list[str]] = None,
-                 label_field: Optional[str] = None) -> dict:
+                 label_field: Optional[str] = None, stats: Optional[list[dict]] = None) -> dict:
     "The text and label fields of parsed `records` (given ones kept); a DataError listing the fields when ambiguous."
     fields = list(records.attrs.get("fields") or [c for c in records.columns if c not in ("line", "problem", "detail")])
-    stats, n = field_stats(records, fields), int(records.problem.isna().sum())
+    stats, n = stats or field_stats(records, fields), int(records.problem.isna().sum())
     label, label_cands = (label_field, [label_field]) if label_field else _label_guess(stats, n)
     texts, text_cands = (list(text_fields), list(text_fields)) if text_fields else _text_guess(stats, label, n)
     if label is None or texts is None:
@@ -169,6 +169,7 @@ def resolve_layout(raw: RawInput, cfg: DataConfig) -> tuple[DataConfig, str, dic
 
 # %% ../nbs/02b_datasets.ipynb #d018
 INSPECT_ROWS = 200_000    # JSON Lines files with more lines are inspected on a seeded random sample of this many
+STATS_ROWS = 100_000      # field statistics and the field guess use a seeded sample of this many records
 LENGTH_ROWS = 2_000       # text lengths (words, tokens) are measured on at most this many texts
 IMBALANCE_FLAG = 3.0      # a largest/smallest class ratio at or above this is flagged as imbalanced
 
@@ -217,19 +218,21 @@ def inspect_data(path: str, config: Optional[Config] = None, store=None, text_fi
     records = parse_records(raw, fmt, cfg, None)
     if fmt in ("csv", "tsv"): cfg = dataclasses.replace(cfg, csv_header=records.attrs["csv_header"])
     fields = list(records.attrs.get("fields") or [c for c in records.columns if c not in ("line", "problem", "detail")])
-    stats = field_stats(records, fields)
+    head = records.sample(STATS_ROWS, random_state=seed).sort_index() if len(records) > STATS_ROWS else records
+    head.attrs.update(records.attrs)
+    stats = field_stats(head, fields)
     out = {"path": path, "format": fmt, "bytes": raw.n_bytes, "compression": raw.compression, "encoding": raw.encoding,
            "rows": n_lines if sampled else int(len(records)), "rows_parsed": int(len(records)), "sampled": sampled,
            "bad_records": {k: int(v) for k, v in records.problem.value_counts().items()},
            "csv_header": cfg.csv_header, "fields": stats}
-    try: g = guess_fields(records, path, text_fields, label_field)
+    try: g = guess_fields(head, path, text_fields, label_field, stats)
     except DataError as e: out.update(guess_error=str(e), seconds=round(time.perf_counter() - t0, 2)); return out
     good = records[records.problem.isna()]
     labels = good[g["label_field"]].fillna("").str.strip()
     counts = {str(k): int(v) for k, v in labels[labels != ""].value_counts().items()}
-    text = good[g["text_fields"]].fillna("").astype("str").agg(" ".join, axis=1).str.strip()
-    text = text[text != ""]
-    sample = text.sample(min(LENGTH_ROWS, len(text)), random_state=seed).tolist() if len(text) else []
+    picked = good[g["text_fields"]].sample(min(2 * LENGTH_ROWS, len(good)), random_state=seed)  # join texts of a sample only
+    texts = [" ".join(v for v in row if isinstance(v, str)).strip() for row in picked.itertuples(index=False)]
+    sample = [t for t in texts if t][:LENGTH_ROWS]
     model = model or (config.transformer.models[0] if config is not None and config.transformer.models else "all-minilm-l6-v2")
     max_length = config.transformer.max_length if config is not None else 128
     tokens, why = token_lengths(sample, model) if sample else (None, "no texts")

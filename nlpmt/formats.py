@@ -277,7 +277,7 @@ def parse_delimited_fast(data: bytes, names: list[str], header: bool, needed: li
     except pa.ArrowInvalid: return None
     n, start = table.num_rows, 1 + int(header)
     n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
-    if bad or n_lines != n + int(header) or b"\x00" in data: return None
+    if bad or n_lines != n + int(header): return None
     df = pd.DataFrame({"line": np.arange(start, start + n, dtype=np.int64),
                        "problem": np.full(n, None, dtype=object), "detail": np.full(n, None, dtype=object)})
     for name in needed: df[name] = table[name].to_pandas().astype("str")

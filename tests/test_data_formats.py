@@ -201,3 +201,22 @@ def test_imbalance_is_flagged_in_the_report_and_the_figure(tmp_path):
     fig = data.plot_class_distribution(report)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "imbalance ratio 4 (imbalanced)" in texts
+
+
+# ---------------------------------------------------------------- one registry
+def test_the_format_registry_is_the_one_list_of_formats():
+    from nlpmt.cli import build_parser
+    names = formats.format_names()
+    assert names == ["auto", "csv", "tsv", "jsonl", "json", "parquet", "folder"]
+    parser = build_parser(["data", "inspect", "x"])
+    sub = next(a for a in parser._actions if a.dest == "command").choices["data"]
+    inspect = next(a for a in sub._actions if a.dest == "data_command").choices["inspect"]
+    assert next(a for a in inspect._actions if a.dest == "format").choices == names          # CLI choices
+    nb = json.loads((Path(data.__file__).parents[1]/"nbs"/"02_data.ipynb").read_text())
+    params = next("".join(c["source"]) for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    line = next(l for l in params.splitlines() if l.startswith("raw_format"))
+    assert set(line.split("#", 1)[1].split(";")[0].replace("|", " ").split()) == set(names)    # the notebook's parameter
+    for f in formats.FORMATS.values():                                                          # extensions select formats
+        for ext in f.extensions: assert formats.detect_format(formats.RawInput("x" + ext, "x" + ext, b"a,b\n")) == f.name
+    with pytest.raises(ConfigError, match=r"data.raw_format: 'xlsx' is not one of \['auto', 'csv'"):
+        run("x.xlsx", raw_format="xlsx")
