@@ -301,7 +301,9 @@ def drop_warnings(dropped: dict, rows_read: int, known: list[str], kept_counts: 
     n_bad = sum(problems.values())
     if rows_read and n_bad > DROP_WARN_SHARE * rows_read:
         out.append(f"{n_bad:,} of {rows_read:,} rows ({n_bad / rows_read:.1%}) were dropped: "
-                   + ", ".join(f"{k} {v:,}" for k, v in problems.items()))
+                   + ", ".join(f"{k} {v:,}" for k, v in problems.items())
+                   + ("; bytes that are not UTF-8 often mean a Windows-1252/Latin-1 file: `iconv -f cp1252 -t utf-8`"
+                      if problems.get("undecodable_bytes") else ""))
     gone = [l for l in known if not kept_counts.get(l)]
     if gone: out.append(f"{len(gone)} class(es) vanished, no rows left: {', '.join(map(clip, gone[:10]))}")
     if case_mismatch: out.append(f"{case_mismatch:,} rows have a label that differs from a known label only in case "

@@ -220,3 +220,9 @@ def test_the_format_registry_is_the_one_list_of_formats():
         for ext in f.extensions: assert formats.detect_format(formats.RawInput("x" + ext, "x" + ext, b"a,b\n")) == f.name
     with pytest.raises(ConfigError, match=r"data.raw_format: 'xlsx' is not one of \['auto', 'csv'"):
         run("x.xlsx", raw_format="xlsx")
+
+
+def test_undecodable_rows_get_an_encoding_hint(capsys):
+    report = run(Path(__file__).parent/"data"/"undecodable.csv")
+    assert report["dropped"]["undecodable_bytes"] == 2
+    assert "Windows-1252/Latin-1 file: `iconv -f cp1252 -t utf-8`" in capsys.readouterr().err
