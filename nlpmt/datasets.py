@@ -22,8 +22,9 @@ from .formats import DataError, FORMATS, RawInput, clip, detect_format, parse_re
 __all__ = ['DATASET_FIELDS', 'DEFAULT_DATASET', 'LABEL_NAME_TIERS', 'TEXT_NAMES', 'GUESS_BYTES', 'INSPECT_ROWS', 'STATS_ROWS',
            'LENGTH_ROWS', 'IMBALANCE_FLAG', 'profiles_dir', 'available_profiles', 'profile_file', 'load_profile',
            'apply_profile', 'field_stats', 'describe_fields', 'guess_fields', 'resolve_layout', 'imbalance',
-           'percentiles', 'token_lengths', 'inspect_data', 'prepare_command', 'profile_of', 'format_inspection',
-           'write_profile', 'cmd_data_inspect', 'register_cli', 'dataset_override', 'dataset_paths']
+           'percentiles', 'token_lengths', 'inspect_data', 'path_from_root', 'prepare_command', 'profile_of',
+           'format_inspection', 'write_profile', 'cmd_data_inspect', 'register_cli', 'dataset_override',
+           'dataset_paths']
 
 # %% ../nbs/02b_datasets.ipynb #d005
 DATASET_FIELDS = ("raw_path", "raw_format", "csv_header", "columns", "text_fields", "label_field", "label_names",
@@ -251,19 +252,24 @@ def _q(value: str) -> str:
     import shlex
     return shlex.quote(str(value))
 
+def path_from_root(path: str, root: Optional[Path] = None) -> str:
+    "A local path as the data stage reads it: relative to the project root when inside it, else absolute."
+    if "://" in path or path.startswith("data/raw/") or os.path.isabs(path): return path
+    p = Path(path).resolve()
+    try: root = Path(root or project_root()).resolve()
+    except FileNotFoundError: return str(p)
+    return os.path.relpath(p, root) if p.is_relative_to(root) else str(p)
+
 def prepare_command(info: dict) -> str:
     "The `nlpmt run data` command that prepares an inspected file (fields named only when they were not guessed)."
-    cmd = f"nlpmt run data -p raw_path {_q(info['path'])}"
+    cmd = f"nlpmt run data -p raw_path {_q(path_from_root(info['path']))}"
     if "text_fields" not in info["guessed"]: cmd += f" -p text_fields {_q(','.join(info['text_fields']))}"
     if "label_field" not in info["guessed"]: cmd += f" -p label_field {_q(info['label_field'])}"
     return cmd
 
 def profile_of(info: dict, root: Optional[Path] = None) -> dict:
-    "A dataset profile (dict) with everything `inspect_data` found, the raw path relative to `root` when inside it."
-    path = info["path"]
-    if root is not None and "://" not in path and not path.startswith("data/raw/"):
-        p = Path(path).resolve()
-        path = os.path.relpath(p, root) if p.is_relative_to(Path(root).resolve().parent) else str(p)
+    "A dataset profile (dict) with everything `inspect_data` found, the raw path relative to the project `root` when inside it."
+    path = path_from_root(info["path"], root)
     prof = {"description": f"written by nlpmt data inspect ({info['rows']:,} rows, {info['n_labels']} labels)",
             "raw_path": path, "raw_format": info["format"], "text_fields": info["text_fields"], "label_field": info["label_field"]}
     if info["format"] in ("csv", "tsv"): prof["csv_header"] = bool(info["csv_header"])

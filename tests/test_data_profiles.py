@@ -124,3 +124,11 @@ def test_inspect_of_an_ambiguous_file_exits_non_zero_naming_the_flags(tmp_path, 
     assert main(["data", "inspect", str(tmp_path/"my_data"/"tickets.csv")]) == 1
     out = capsys.readouterr().out
     assert "cannot tell which field holds the label" in out and "queue" in out and "priority" in out
+
+
+def test_inspect_prints_a_command_that_works_from_the_project_root(tmp_path, monkeypatch, capsys):
+    write_own_data(tmp_path)
+    monkeypatch.chdir(tmp_path/"my_data"); monkeypatch.setenv("NLPMT_ROOT", str(ROOT))
+    assert main(["data", "inspect", "reviews.jsonl", "--json"]) == 0          # a path relative to the current folder
+    info = json.loads(capsys.readouterr().out)
+    assert info["command"] == f"nlpmt run data -p raw_path {tmp_path/'my_data'/'reviews.jsonl'}"   # outside the root: absolute
