@@ -29,6 +29,7 @@ PLUGIN_COMMANDS = {
     "aws":      ("nlpmt.aws",     "IAM policies, bucket bootstrap, EC2 Deep Learning AMI, budgets"),
     "cost":     ("nlpmt.aws",     "estimate what a job costs"),
     "doctor":   ("nlpmt.aws",     "check everything needed to move to the cloud"),
+    "data":     ("nlpmt.datasets", "inspect a raw data file or folder: fields, labels, lengths, how to prepare it"),
 }
 
 def add_config_options(p: argparse.ArgumentParser) -> None:

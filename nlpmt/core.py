@@ -57,16 +57,17 @@ class ProjectConfig:
 
 @dataclass
 class DataConfig:
-    "Raw input and split settings (`configs/data_config.yaml`)."
-    raw_path: str
-    raw_format: Literal["auto", "csv", "json", "jsonl"] = "auto"
-    csv_header: bool = True
-    columns: Optional[list[str]] = None
-    text_fields: list[str] = field(default_factory=lambda: ["text"])
-    label_field: str = "label"
+    "Split settings (`configs/data_config.yaml`) and the dataset's fields (its profile `configs/datasets/NAME.yaml`; None: unset)."
+    raw_path: Optional[str] = None          # file, folder, store key or s3://; None: from the dataset profile
+    dataset: Optional[str] = None           # profile name (configs/datasets/NAME.yaml) or file; None: ag_news unless raw_path is set
+    raw_format: str = "auto"                # auto or a name in nlpmt.formats.FORMATS (csv, tsv, json, jsonl, parquet, folder)
+    csv_header: Optional[bool] = None       # CSV/TSV first row holds the column names; None: detected
+    columns: Optional[list[str]] = None     # column names of a headerless CSV/TSV; None: the header, or column_1..N
+    text_fields: Optional[list[str]] = None # field(s) joined with a space into the text; None: guessed
+    label_field: Optional[str] = None       # field holding the label (a name or an integer index); None: guessed
     label_names: Optional[list[str]] = None
     label_names_file: Optional[str] = None
-    label_index_base: int = 0
+    label_index_base: Optional[int] = None  # integer labels index label_names from this; None: 1 if they run 1..K, else 0
     val_frac: float = 0.1
     test_frac: float = 0.2
     seed: int = 42

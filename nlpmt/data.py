@@ -1,4 +1,5 @@
-"""Reads a raw labelled-text file (CSV, JSON array or JSON Lines; local, in the store or on S3), validates
+"""Reads a raw labelled-text file or folder (CSV, TSV, JSON, JSON Lines, Parquet, `<label>/<file>.txt`; local, in
+the store or on S3; see the dataset profiles in `configs/datasets/`), validates
 every row, deduplicates, splits train/val/test stratified by class, proves that no text is in two splits,
 and writes the splits, a data report and figures to the store. This notebook is also the data *job*.
 
@@ -8,7 +9,7 @@ Docs: https://nlpmt.github.io/nlpmt/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #c003
 from __future__ import annotations
-import csv, dataclasses, io, json, os, re, string, tempfile, urllib.request
+import dataclasses, io, json, os, re, sys, tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -17,28 +18,26 @@ import pandas as pd
 from tqdm.auto import tqdm
 from .core import (Config, ConfigError, DataConfig, from_dict, load_config, project_root, provenance,
                         sha256_bytes)
-from .storage import (DATA_REPORT_KEY, SPLITS, S3Store, Store, StoreError, open_store, parse_s3_uri,
+from .storage import (DATA_REPORT_KEY, SPLITS, Store, StoreError, open_store,
                            save_figure, split_key, temp_store)
+from .formats import DataError, RawInput, check_format_name, clip, is_store_key, parse_records, read_raw, where
+from .datasets import IMBALANCE_FLAG, apply_profile, imbalance, resolve_layout
+from .dedup import check_leakage, find_duplicates, normalise_texts, string_codes, word_counts
+from .ag_news import (AG_NEWS_KEY, AG_NEWS_LABELS, AG_NEWS_LAYOUT, AG_NEWS_URL, _exists, _sibling, ag_news_layout,
+                           ag_news_local_dir, ag_news_source, download_ag_news)
 
 # %% auto #0
-__all__ = ['REASONS', 'PROBLEM_NAMES', 'LENGTH_SAMPLE', 'FIGURE_KEYS', 'AG_NEWS_URL', 'AG_NEWS_LABELS', 'AG_NEWS_KEY',
-           'AG_NEWS_LAYOUT', 'DataError', 'where', 'is_store_key', 'read_source_bytes', 'detect_format',
-           'parse_csv_fast', 'parse_csv_exact', 'parse_csv', 'json_value_str', 'parse_jsonl', 'parse_json_array',
-           'parse_records', 'read_label_names', 'label_mapping', 'join_text', 'clean_rows', 'normalise_texts',
-           'word_counts', 'string_codes', 'find_duplicates', 'check_fractions', 'split_sizes', 'stratified_split',
-           'check_leakage', 'plot_class_distribution', 'length_stats', 'plot_text_lengths', 'ag_news_layout',
-           'download_ag_news', 'ag_news_local_dir', 'ag_news_source', 'effective_data_config', 'resolve_inputs',
-           'problem_message', 'split_csv_bytes', 'data_hash', 'prepare_data', 'synthetic_corpus', 'demo_sample',
-           'prepare_demo_data']
+__all__ = ['REASONS', 'PROBLEM_NAMES', 'DROP_WARN_SHARE', 'LENGTH_SAMPLE', 'FIGURE_KEYS', 'read_label_names', 'infer_index_base',
+           'label_mapping', 'join_text', 'clean_rows', 'check_fractions', 'split_sizes', 'stratified_split',
+           'plot_class_distribution', 'length_stats', 'plot_text_lengths', 'effective_data_config', 'config_folder',
+           'resolve_inputs', 'problem_message', 'split_csv_bytes', 'data_hash', 'drop_warnings', 'prepare_data',
+           'print_drop_summary', 'synthetic_corpus', 'demo_sample', 'prepare_demo_data']
 
 # %% ../nbs/02_data.ipynb #c007
-class DataError(ValueError):
-    "Raw data that cannot be used: names the file, the line/row and the problem."
-
 REASONS = {
-    "malformed_csv": "CSV record with the wrong number of fields (or an unterminated quote)",
+    "malformed_csv": "CSV/TSV record with the wrong number of fields (or an unterminated quote)",
     "malformed_json": "line or item that is not a JSON object",
-    "undecodable_bytes": "bytes that are not valid UTF-8",
+    "undecodable_bytes": "bytes that are not valid UTF-8 (in the file's detected encoding)",
     "missing_text": "none of the text fields is present",
     "empty_text": "text fields present but blank",
     "missing_label": "label field absent or blank",
@@ -50,196 +49,12 @@ REASONS = {
 }
 PROBLEM_NAMES = {"malformed_csv": "malformed CSV record", "malformed_json": "malformed JSON",
                  "undecodable_bytes": "undecodable bytes"}
-
-def where(fmt: str, n: int) -> str:
-    "How to point at record `n` of a file: a line number, or an item number in a JSON array."
-    return f"item {n}" if fmt == "json" else f"line {n}"
-
-# %% ../nbs/02_data.ipynb #c009
-def is_store_key(path: str) -> bool:
-    "True for a raw-data key inside the store (`data/raw/...`, as `Config.resolve_path` treats it)."
-    return path.startswith("data/raw/")
-
-def read_source_bytes(path: str, store: Optional[Store] = None) -> bytes:
-    "The bytes of a local file, a store key (`data/raw/...`) or an `s3://` URI, with clear errors."
-    path = str(path)
-    if not path: raise DataError("no raw data file given (raw_path is empty)")
-    if path.startswith("s3://"):
-        bucket, key = parse_s3_uri(path)
-        if not key: raise DataError(f"{path}: no object key in the s3:// URI")
-        try: data = S3Store(f"s3://{bucket}").read_bytes(key)
-        except StoreError as e:
-            if "no such object" in str(e): raise DataError(f"{path}: raw data file not found") from None
-            raise DataError(f"{path}: cannot read: {e}") from None
-    elif is_store_key(path):
-        if store is None: raise DataError(f"{path}: a store key needs a store to read it from")
-        try: data = store.read_bytes(path)
-        except StoreError: raise DataError(f"{store.url(path)}: raw data file not found in the store") from None
-    else:
-        p = Path(path).expanduser()
-        if p.is_dir(): raise DataError(f"{path}: is a folder, expected a data file")
-        if not p.is_file(): raise DataError(f"{path}: raw data file not found")
-        data = p.read_bytes()
-    if not data[: 1 << 16].strip() and not data.strip(): raise DataError(f"{path}: file is empty")
-    return data
-
-def detect_format(path: str, data: bytes, raw_format: str = "auto") -> str:
-    "The file format: `raw_format` unless 'auto', else from the extension, else from the first character."
-    if raw_format != "auto": return raw_format
-    name = str(path).lower()
-    if name.endswith((".jsonl", ".ndjson")): return "jsonl"
-    if name.endswith(".csv"): return "csv"
-    first = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
-    if first == b"[": return "json"
-    if first == b"{": return "jsonl"
-    return "json" if name.endswith(".json") else "csv"
-
-# %% ../nbs/02_data.ipynb #c012
-_SURROGATES = re.compile("[\udc80-\udcff]")
-
-def _bad_byte(char: str) -> str:
-    "Describe the byte behind a surrogate-escaped character."
-    return f"byte 0x{ord(char) - 0xdc00:02x} is not valid UTF-8"
-
-def _records_frame(lines, problems, details, values: dict, fmt: str) -> pd.DataFrame:
-    "The common parsed-records frame: line, problem, detail and one string column per field."
-    df = pd.DataFrame({"line": np.asarray(lines, dtype=np.int64),
-                       "problem": pd.array(problems, dtype=object), "detail": pd.array(details, dtype=object)})
-    for name, col in values.items(): df[name] = pd.array(col, dtype="str")
-    df.attrs["format"] = fmt
-    return df
-
-def _csv_header(data: bytes) -> list[str]:
-    "The header row of a CSV file."
-    head = data[: 1 << 16].decode("utf-8", errors="replace").lstrip("\ufeff")
-    return next(csv.reader(io.StringIO(head, newline="")), [])
-
-def _check_fields(needed: list[str], names: list[str], source: str) -> None:
-    "Raise if a needed field is not among the columns."
-    missing = [f for f in needed if f not in names]
-    if missing: raise DataError(f"{source}: column {missing[0]!r} not found; the columns are {names}")
-
-def parse_csv_fast(data: bytes, names: list[str], header: bool, needed: list[str]) -> Optional[pd.DataFrame]:
-    "Parse a clean CSV with pyarrow; None if the file needs the exact parser (bad bytes or records)."
-    import pyarrow as pa, pyarrow.csv as pacsv
-    bad = []
-    def on_bad(row): bad.append(row); return "skip"
-    try:
-        table = pacsv.read_csv(pa.py_buffer(data),
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0, block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_bad),
-            convert_options=pacsv.ConvertOptions(include_columns=needed, column_types={n: pa.string() for n in needed},
-                                                 strings_can_be_null=False, quoted_strings_can_be_null=False))
-    except pa.ArrowInvalid: return None
-    n, start = table.num_rows, 1 + int(header)
-    n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
-    if bad or n_lines != n + int(header): return None
-    df = pd.DataFrame({"line": np.arange(start, start + n, dtype=np.int64),
-                       "problem": np.full(n, None, dtype=object), "detail": np.full(n, None, dtype=object)})
-    for name in needed: df[name] = table[name].to_pandas().astype("str")
-    df.attrs["format"] = "csv"
-    return df
-
-def parse_csv_exact(data: bytes, names: list[str], header: bool, needed: list[str]) -> pd.DataFrame:
-    "Parse a CSV record by record, keeping the line of each and marking bad fields counts and bad bytes."
-    text = data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
-    has_bad_bytes = _SURROGATES.search(text) is not None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    idx = [names.index(f) for f in needed]
-    lines, problems, details, cols = [], [], [], [[] for _ in needed]
-    start, skip_header = 1, header
-    while True:
-        try: rec = next(reader)
-        except StopIteration: break
-        except csv.Error as e: rec = e
-        line, start = start, reader.line_num + 1
-        if isinstance(rec, list) and (not rec or rec == [""] and len(names) > 1): continue  # blank line
-        if skip_header: skip_header = False; continue
-        problem = detail = None
-        if isinstance(rec, csv.Error): problem, detail = "malformed_csv", str(rec)
-        elif len(rec) != len(names):
-            problem = "malformed_csv"
-            detail = f"expected {len(names)} fields, found {len(rec)}"
-            if reader.line_num > line: detail += f" (record runs to line {reader.line_num}: unterminated quote?)"
-        elif has_bad_bytes and (hit := next((m for i in idx if (m := _SURROGATES.search(rec[i]))), None)):
-            problem, detail = "undecodable_bytes", _bad_byte(hit.group())
-        lines.append(line); problems.append(problem); details.append(detail)
-        for c, i in zip(cols, idx): c.append(None if problem else rec[i])
-    return _records_frame(lines, problems, details, dict(zip(needed, cols)), "csv")
-
-def parse_csv(data: bytes, source: str, header: bool, columns: Optional[list[str]], needed: list[str]) -> pd.DataFrame:
-    "Parse CSV bytes into the records frame (fast path when the file is clean)."
-    if header: names = _csv_header(data)
-    elif columns: names = list(columns)
-    else: raise DataError(f"{source}: a CSV without a header row needs `columns` (one name per column) in the data "
-                          "config, or set csv_header: true")
-    if len(set(names)) != len(names): raise DataError(f"{source}: duplicate column names in {names}")
-    _check_fields(needed, names, source)
-    fast = parse_csv_fast(data, names, header, needed)
-    return fast if fast is not None else parse_csv_exact(data, names, header, needed)
-
-# %% ../nbs/02_data.ipynb #c015
-def json_value_str(value) -> Optional[str]:
-    "A JSON value as the string the stage works with (None stays None)."
-    if value is None or isinstance(value, str): return value
-    if isinstance(value, bool): return str(value).lower()
-    if isinstance(value, float) and value.is_integer(): return str(int(value))
-    if isinstance(value, (int, float)): return repr(value)
-    return json.dumps(value, ensure_ascii=False)
-
-def _json_record(obj, needed: list[str]):
-    "Problem, detail and field values of one JSON record."
-    if not isinstance(obj, dict):
-        return "malformed_json", f"expected a JSON object, got {type(obj).__name__}", [None] * len(needed)
-    values = [json_value_str(obj.get(f)) for f in needed]
-    hit = next((m for v in values if v is not None and (m := _SURROGATES.search(v))), None)
-    if hit: return "undecodable_bytes", _bad_byte(hit.group()), [None] * len(needed)
-    return None, None, values
-
-def parse_jsonl(data: bytes, needed: list[str]) -> pd.DataFrame:
-    "Parse JSON Lines: one object per line; broken lines become records with a problem."
-    lines, problems, details, cols = [], [], [], [[] for _ in needed]
-    for n, raw in enumerate(data.split(b"\n"), 1):
-        raw = raw.strip()
-        if n == 1: raw = raw.removeprefix(b"\xef\xbb\xbf")
-        if not raw: continue
-        try: obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            problem, detail, values = "undecodable_bytes", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid UTF-8", [None] * len(needed)
-        except json.JSONDecodeError as e: problem, detail, values = "malformed_json", f"{e.msg} (column {e.colno})", [None] * len(needed)
-        else: problem, detail, values = _json_record(obj, needed)
-        lines.append(n); problems.append(problem); details.append(detail)
-        for c, v in zip(cols, values): c.append(v)
-    return _records_frame(lines, problems, details, dict(zip(needed, cols)), "jsonl")
-
-def parse_json_array(data: bytes, source: str, needed: list[str]) -> pd.DataFrame:
-    "Parse a JSON array of objects; a syntax error in the array is fatal."
-    text = data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
-    try: items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{source}: line {e.lineno} column {e.colno}: malformed JSON ({e.msg}); a JSON array file must "
-                        "parse as a whole (use JSON Lines to have broken lines dropped instead)") from None
-    if not isinstance(items, list): raise DataError(f"{source}: expected a JSON array of objects, got a {type(items).__name__}")
-    lines, problems, details, cols = [], [], [], [[] for _ in needed]
-    for n, obj in enumerate(items, 1):
-        problem, detail, values = _json_record(obj, needed)
-        lines.append(n); problems.append(problem); details.append(detail)
-        for c, v in zip(cols, values): c.append(v)
-    return _records_frame(lines, problems, details, dict(zip(needed, cols)), "json")
-
-def parse_records(data: bytes, fmt: str, source: str, cfg: DataConfig) -> pd.DataFrame:
-    "Parse raw bytes of format `fmt` into the records frame with the fields `cfg` needs."
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    needed = list(dict.fromkeys([*cfg.text_fields, cfg.label_field]))
-    if fmt == "csv": return parse_csv(data, source, cfg.csv_header, cfg.columns, needed)
-    if fmt == "jsonl": return parse_jsonl(data, needed)
-    if fmt == "json": return parse_json_array(data, source, needed)
-    raise ConfigError(f"raw_format {fmt!r} is not one of auto, csv, json, jsonl")
+DROP_WARN_SHARE = 0.03  # lenient mode warns loudly when more than this share of rows is dropped for problems
 
 # %% ../nbs/02_data.ipynb #c018
 def read_label_names(path: str, store: Optional[Store] = None) -> list[str]:
     "Label names from a file with one name per line (blank lines ignored)."
-    text = read_source_bytes(path, store).decode("utf-8-sig")
+    text = read_raw(path, store).data.decode("utf-8", errors="replace")
     names = [l.strip() for l in text.splitlines() if l.strip()]
     if len(set(names)) != len(names): raise DataError(f"{path}: duplicate label names in {names}")
     return names
@@ -250,10 +65,16 @@ def _natural_sorted(values) -> list[str]:
     if all(re.fullmatch(r"-?\d+", v) for v in values): return sorted(values, key=int)
     return sorted(values)
 
-def label_mapping(raw_values, label_names: Optional[list[str]], base: int = 0) -> tuple[dict, list[str]]:
-    "Map each distinct raw label to its name (None if unknown); also return the label list."
+def infer_index_base(raw_values, label_names: Optional[list[str]]) -> int:
+    "1 when the integer labels not in `label_names` run within 1..K and none is 0 (AG News style), else 0."
+    ints = [int(v) for v in raw_values if re.fullmatch(r"-?\d+", v) and v not in set(label_names or [])]
+    return 1 if label_names and ints and min(ints) >= 1 and max(ints) == len(label_names) else 0
+
+def label_mapping(raw_values, label_names: Optional[list[str]], base: Optional[int] = 0) -> tuple[dict, list[str]]:
+    "Map each distinct raw label to its name (None if unknown); also return the label list (`base` None: inferred)."
     raw_values = list(raw_values)
     if not label_names: return {v: v for v in raw_values}, _natural_sorted(raw_values)
+    if base is None: base = infer_index_base(raw_values, label_names)
     known, mapping = set(label_names), {}
     for v in raw_values:
         if v in known: mapping[v] = v
@@ -273,12 +94,18 @@ def join_text(rows: pd.DataFrame, fields: list[str]) -> tuple[pd.Series, pd.Seri
     return pd.Series(text.to_pandas().array, index=rows.index, dtype="str"), present
 
 def clean_rows(rows: pd.DataFrame, cfg: DataConfig, label_names: Optional[list[str]]) -> tuple[pd.DataFrame, list[str]]:
-    "Add `text` and `label` (name) columns and mark missing/empty text and missing/unknown labels."
+    "Add `text` (NUL characters removed) and `label` (name) columns; mark missing/empty text and missing/unknown labels."
     rows = rows.copy()
     text, present = join_text(rows, cfg.text_fields)
+    has_nul = text.str.contains("\x00", regex=False).to_numpy()
+    if has_nul.any(): text = text.str.replace("\x00", "", regex=False).str.strip()
+    rows.attrs["nul_rows"] = int(has_nul.sum())
     raw_label = rows[cfg.label_field].fillna("").str.strip()
     has_label = raw_label != ""
-    mapping, labels = label_mapping(pd.unique(raw_label[has_label & rows.problem.isna()]), label_names, cfg.label_index_base)
+    values = pd.unique(raw_label[has_label & rows.problem.isna()])
+    base = cfg.label_index_base if cfg.label_index_base is not None else infer_index_base(values, label_names)
+    rows.attrs["label_index_base"] = base
+    mapping, labels = label_mapping(values, label_names, base)
     label = raw_label.map(mapping)
     ok = rows.problem.isna().to_numpy(copy=True)
     checks = [("missing_text", ~present.to_numpy()), ("empty_text", (text == "").to_numpy()),
@@ -290,87 +117,6 @@ def clean_rows(rows: pd.DataFrame, cfg: DataConfig, label_names: Optional[list[s
     rows["problem"] = problem
     rows["text"], rows["label"], rows["raw_label"] = text, label.astype("str"), raw_label
     return rows, labels
-
-# %% ../nbs/02_data.ipynb #c021
-_DROP_BYTES = np.zeros(256, dtype=bool)
-_DROP_BYTES[[ord(c) for c in string.punctuation + string.whitespace]] = True
-_SPACE_BYTES = np.zeros(256, dtype=bool)
-_SPACE_BYTES[[ord(c) for c in string.whitespace]] = True
-
-def _utf8_buffers(texts) -> tuple:
-    "The (large_string) arrow array of `texts`, its offsets rebased to 0 and its data bytes as numpy."
-    import pyarrow as pa
-    arr = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(pd.Series(texts, dtype="str").fillna(""))
-    if isinstance(arr, pa.ChunkedArray): arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.large_string())
-    arr = arr.cast(pa.large_string())
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1]
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    return arr, offsets - offsets[0], data[offsets[0]: offsets[-1]]
-
-def _prefix_sums_at(mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    "`mask[:p].sum()` for each of the ascending `positions`: binary search in the sparser side's positions."
-    if 2 * np.count_nonzero(mask) > len(mask):  # dense: count the False bytes instead
-        return positions - np.searchsorted(np.flatnonzero(~mask), positions)
-    return np.searchsorted(np.flatnonzero(mask), positions).astype(np.int64)
-
-def _segment_sums(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    "Sum of `mask` within each [offsets[i], offsets[i+1]) segment (empty segments give 0)."
-    prefix = _prefix_sums_at(mask, offsets)
-    return prefix[1:] - prefix[:-1]
-
-def normalise_texts(texts) -> pd.Series:
-    "Comparison keys: NFKC, lower-cased, with all whitespace and ASCII punctuation removed."
-    import pyarrow as pa, pyarrow.compute as pc, unicodedata
-    arr, _, _ = _utf8_buffers(texts)
-    lower = pc.utf8_lower(arr)
-    non_ascii = pc.invert(pc.string_is_ascii(arr))
-    if pc.any(non_ascii).as_py():  # NFKC + casefold in Python, only for the (usually few) texts that need it
-        fixed = [unicodedata.normalize("NFKC", t).casefold() for t in arr.filter(non_ascii).to_pylist()]
-        lower = pc.replace_with_mask(lower, non_ascii, pa.array(fixed, pa.large_string()))
-    arr, offsets, data = _utf8_buffers(lower)
-    drop = _DROP_BYTES[data]
-    new_offsets = offsets - _prefix_sums_at(drop, offsets)
-    keys = pa.Array.from_buffers(pa.large_string(), len(arr), [None, pa.py_buffer(new_offsets), pa.py_buffer(data[~drop])])
-    out = keys.to_pandas().astype("str")
-    if isinstance(texts, pd.Series): out.index = texts.index
-    return out
-
-def word_counts(texts) -> np.ndarray:
-    "Number of whitespace-separated words in each text (vectorised on the UTF-8 bytes)."
-    _, offsets, data = _utf8_buffers(texts)
-    space = _SPACE_BYTES[data]
-    prev_space = np.ones_like(space); prev_space[1:] = space[:-1]
-    prev_space[offsets[:-1][offsets[:-1] < len(data)]] = True
-    return _segment_sums(~space & prev_space, offsets)
-
-# %% ../nbs/02_data.ipynb #c023
-def string_codes(values) -> np.ndarray:
-    "Integer codes with equal codes exactly for equal strings (pyarrow's hash dictionary encoding)."
-    import pyarrow as pa, pyarrow.compute as pc
-    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(pd.Series(values, dtype="str"))
-    if isinstance(arr, pa.ChunkedArray): arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.large_string())
-    return pc.dictionary_encode(arr).indices.to_numpy(zero_copy_only=False).astype(np.int64)
-
-def _repeats(codes: np.ndarray, among: np.ndarray) -> np.ndarray:
-    "True for rows in `among` whose code already occurred at an earlier row in `among`."
-    out = np.zeros(len(codes), dtype=bool)
-    out[among] = pd.Series(codes[among]).duplicated().to_numpy()
-    return out
-
-def find_duplicates(text: pd.Series, label: pd.Series, key: pd.Series, key_codes: Optional[np.ndarray] = None) -> pd.Series:
-    "Per row: 'conflicting_labels', 'duplicate_exact', 'duplicate_normalised' or None (keep)."
-    t, l = string_codes(text), string_codes(label)
-    k = string_codes(key) if key_codes is None else key_codes
-    pair = k * (int(l.max(initial=0)) + 1) + l
-    first_pair = ~pd.Series(pair).duplicated().to_numpy()
-    labels_per_key = np.bincount(k[first_pair], minlength=int(k.max(initial=-1)) + 1)
-    conflict = labels_per_key[k] > 1
-    exact = _repeats(t, np.flatnonzero(~conflict))
-    norm = _repeats(k, np.flatnonzero(~conflict & ~exact))
-    out = np.full(len(t), None, dtype=object)
-    out[conflict], out[exact], out[norm] = "conflicting_labels", "duplicate_exact", "duplicate_normalised"
-    return pd.Series(out, index=text.index)
 
 # %% ../nbs/02_data.ipynb #c026
 def check_fractions(val_frac: float, test_frac: float) -> None:
@@ -398,20 +144,6 @@ def stratified_split(codes: np.ndarray, n_classes: int, val_frac: float, test_fr
     n_test, n_val = sizes[codes, 2], sizes[codes, 1]
     return np.where(rank < n_test, 2, np.where(rank < n_test + n_val, 1, 0)).astype(np.int8)
 
-# %% ../nbs/02_data.ipynb #c029
-def check_leakage(texts_by_split: dict[str, pd.Series], codes_by_split: Optional[dict[str, np.ndarray]] = None) -> dict:
-    "Count normalised texts shared between splits: {'checked', 'overlapping_texts', 'pairs'}."
-    names = list(texts_by_split)
-    if codes_by_split is None:  # normalise and encode all splits together, so equal keys get equal codes
-        keys = [normalise_texts(texts_by_split[s]) for s in names]
-        codes = string_codes(pd.concat(keys, ignore_index=True)) if keys else np.zeros(0, np.int64)
-        bounds = np.cumsum([0] + [len(k) for k in keys])
-        codes_by_split = {s: codes[bounds[i]:bounds[i + 1]] for i, s in enumerate(names)}
-    n = int(max((c.max(initial=-1) for c in codes_by_split.values()), default=-1)) + 1
-    seen = {s: np.bincount(np.asarray(c, dtype=np.int64), minlength=n) > 0 for s, c in codes_by_split.items()}
-    pairs = {f"{a}/{b}": int((seen[a] & seen[b]).sum()) for i, a in enumerate(names) for b in names[i + 1:]}
-    return {"checked": True, "overlapping_texts": int(sum(pairs.values())), "pairs": pairs}
-
 # %% ../nbs/02_data.ipynb #c032
 LENGTH_SAMPLE = 200_000  # text-length statistics and figure use at most this many rows (a seeded sample)
 FIGURE_KEYS = {"class_distribution": "figures/data/class_distribution.png",
@@ -437,6 +169,13 @@ def plot_class_distribution(report: dict):
         ax.spines[["top", "right"]].set_visible(False)
     ax_n.set_ylabel("rows"); ax_n.legend(fontsize=8)
     ax_n.set_title(f"Rows per class and split ({report['rows_kept']:,} rows, {K} classes)")
+    im = report.get("imbalance") or {}
+    if im.get("ratio"):  # the imbalance ratio, red when flagged, and the smallest class's tick label marked
+        ax_n.text(0.99, 0.98, f"imbalance ratio {im['ratio']:g}" + (" (imbalanced)" if im["flagged"] else ""),
+                  transform=ax_n.transAxes, ha="right", va="top", fontsize=9, color="tab:red" if im["flagged"] else "dimgrey")
+        if im["flagged"]:
+            for tick in ax_n.get_xticklabels():
+                if tick.get_text() == im["smallest"]: tick.set_color("tab:red")
     ax_p.set_ylabel("% of the split"); ax_p.axhline(100 / K, color="grey", lw=0.8, ls="--")
     ax_p.set_title("Class share within each split (stratified: equal across splits)")
     return fig
@@ -470,85 +209,6 @@ def plot_text_lengths(words: np.ndarray, codes: np.ndarray, label_names: list[st
     for a in (ax_hist, ax_box): a.spines[["top", "right"]].set_visible(False)
     return fig
 
-# %% ../nbs/02_data.ipynb #c034
-AG_NEWS_URL = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv"
-AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-AG_NEWS_KEY = "data/raw/ag_news"
-AG_NEWS_LAYOUT = {"csv_header": False, "columns": ["label", "title", "description"], "label_field": "label",
-                  "label_index_base": 1}
-
-def _sibling(path: str, name: str) -> str:
-    "A file next to `path` (same folder, prefix or S3 'folder')."
-    return path.rsplit("/", 1)[0] + "/" + name if "/" in path else name
-
-def _exists(path: str, store: Optional[Store]) -> bool:
-    "Whether a local path, store key or s3:// URI exists (False when it cannot be checked)."
-    try:
-        if path.startswith("s3://"):
-            bucket, key = parse_s3_uri(path); return S3Store(f"s3://{bucket}").exists(key)
-        if is_store_key(path): return store is not None and store.exists(path)
-        return Path(path).is_file()
-    except Exception: return False
-
-def ag_news_layout(cfg: DataConfig, classes_path: str) -> DataConfig:
-    "`cfg` with the AG News CSV layout (keeps text fields that are AG News columns and explicit label names)."
-    fields = [f for f in cfg.text_fields if f in AG_NEWS_LAYOUT["columns"][1:]] or ["title", "description"]
-    names_file = None if cfg.label_names else (cfg.label_names_file or classes_path)
-    return dataclasses.replace(cfg, **AG_NEWS_LAYOUT, text_fields=fields, label_names_file=names_file)
-
-# %% ../nbs/02_data.ipynb #c035
-def _fetch(url: str, timeout: float, progress: bool) -> bytes:
-    "Download `url` into memory with a progress bar; a DataError naming the URL on failure."
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            chunks = []
-            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress) as bar:
-                for chunk in iter(lambda: resp.read(1 << 20), b""): chunks.append(chunk); bar.update(len(chunk))
-            return b"".join(chunks)
-    except (OSError, ValueError) as e:
-        raise DataError(f"could not download {url}: {e}; put train.csv, test.csv and classes.txt in a folder and "
-                        "set NLPMT_AG_NEWS_DIR to it") from None
-
-def download_ag_news(store: Store, splits=("train", "test"), base_url: Optional[str] = None, timeout: float = 60,
-                     progress: bool = True) -> dict[str, str]:
-    "Download the public AG News CSVs (and classes.txt) into `data/raw/ag_news/` of `store`; returns their keys."
-    base = (base_url or os.environ.get("NLPMT_AG_NEWS_URL") or AG_NEWS_URL).rstrip("/")
-    keys = {}
-    for split in splits:
-        if split not in ("train", "test"): raise ValueError(f"AG News has splits train and test, not {split!r}")
-        data = _fetch(f"{base}/{split}.csv", timeout, progress)
-        first = next(csv.reader(io.StringIO(data[:4096].decode("utf-8", errors="replace"), newline="")), [])
-        if len(first) != 3 or not first[0].strip().isdigit():
-            raise DataError(f"{base}/{split}.csv: does not look like an AG News CSV (first record {first[:3]!r})")
-        keys[split] = f"{AG_NEWS_KEY}/{split}.csv"
-        store.write_bytes(keys[split], data)
-    try: classes = _fetch(f"{base}/classes.txt", timeout, progress)
-    except DataError: classes = ("\n".join(AG_NEWS_LABELS) + "\n").encode()
-    keys["classes"] = f"{AG_NEWS_KEY}/classes.txt"
-    store.write_bytes(keys["classes"], classes)
-    return keys
-
-def ag_news_local_dir() -> Optional[Path]:
-    "The local AG News folder: `NLPMT_AG_NEWS_DIR`, else `../shared/data/ag_news` beside the project (or None)."
-    if os.environ.get("NLPMT_AG_NEWS_DIR"): return Path(os.environ["NLPMT_AG_NEWS_DIR"])
-    try: return project_root().parent/"shared"/"data"/"ag_news"
-    except FileNotFoundError: return None
-
-def ag_news_source(split: str, store: Store, base_url: Optional[str] = None, progress: bool = True,
-                   download: bool = True) -> tuple[str, str]:
-    "Path (or store key) of AG News `split` and of its classes.txt: local copy, store copy, or a fresh download."
-    if split not in ("train", "test"): raise DataError(f"ag_news://{split}: AG News has the splits train and test")
-    local = ag_news_local_dir()
-    if local is not None and (local/f"{split}.csv").is_file():
-        classes = local/"classes.txt"
-        return str(local/f"{split}.csv"), str(classes) if classes.is_file() else ""
-    key = f"{AG_NEWS_KEY}/{split}.csv"
-    if not store.exists(key):
-        if not download: raise DataError(f"AG News {split!r}: no local copy and no copy in {store.url(key)}")
-        download_ag_news(store, (split,), base_url, progress=progress)
-    return key, f"{AG_NEWS_KEY}/classes.txt"
-
 # %% ../nbs/02_data.ipynb #c036
 def _resolve(path: Optional[str], base: Path) -> Optional[str]:
     "A config path made absolute against `base`; store keys, URIs and empty values pass through."
@@ -572,7 +232,15 @@ def effective_data_config(config=None, **params) -> tuple[DataConfig, Path, Opti
         except FileNotFoundError: base = Path.cwd()
     cfg = from_dict(DataConfig, {**asdict(cfg), **_clean_params(params)}, "data config (with parameters)")
     check_fractions(cfg.val_frac, cfg.test_frac)
+    check_format_name(cfg.raw_format)
+    if cfg.min_class_rows < 0: raise ConfigError(f"data.min_class_rows: {cfg.min_class_rows} is negative; use 0 or more")
+    cfg, info = apply_profile(cfg, config_folder(full, base), base)
+    if info["profile"]: cfg = dataclasses.replace(cfg, dataset=info["profile"])  # applying it again changes nothing
     return cfg, base, full
+
+def config_folder(full: Optional[Config], base: Path) -> Path:
+    "The folder of the YAML configs (and of `datasets/` profiles): the loaded config's, else `<base>/configs`."
+    return Path(full.config_dir) if full is not None else Path(base)/"configs"
 
 def resolve_inputs(cfg: DataConfig, base: Path, store: Store, ag_news_url: Optional[str] = None,
                    progress: bool = True, download: bool = True) -> DataConfig:
@@ -583,31 +251,33 @@ def resolve_inputs(cfg: DataConfig, base: Path, store: Store, ag_news_url: Optio
         cfg = ag_news_layout(dataclasses.replace(cfg, raw_path=raw), classes)
         if not cfg.label_names and not cfg.label_names_file: cfg = dataclasses.replace(cfg, label_names=AG_NEWS_LABELS)
     cfg = dataclasses.replace(cfg, raw_path=_resolve(cfg.raw_path, base), label_names_file=_resolve(cfg.label_names_file, base))
-    if (not cfg.csv_header and not cfg.columns and cfg.raw_format in ("auto", "csv")
+    bare = cfg.csv_header is False or (cfg.csv_header is None and not cfg.text_fields and not cfg.label_field)
+    if (bare and not cfg.columns and cfg.raw_format in ("auto", "csv")
             and cfg.raw_path.lower().endswith(".csv") and _exists(_sibling(cfg.raw_path, "classes.txt"), store)):
         cfg = ag_news_layout(cfg, _sibling(cfg.raw_path, "classes.txt"))
     return cfg
 
 # %% ../nbs/02_data.ipynb #c039
-def problem_message(row, reason: str, source: str, fmt: str, cfg: DataConfig, labels: list[str]) -> str:
+def problem_message(row, reason: str, source: str, records: pd.DataFrame, cfg: DataConfig, labels: list[str]) -> str:
     "The error message for one bad row."
     detail = row.get("detail") if hasattr(row, "get") else None
     if reason == "missing_text": what = f"missing text: none of the fields {cfg.text_fields} is present"
     elif reason == "empty_text": what = f"empty text: the fields {cfg.text_fields} are blank"
     elif reason == "missing_label": what = f"missing label: field {cfg.label_field!r} is absent or blank"
     elif reason == "unknown_label":
-        what = (f"unknown label {row['raw_label']!r}: not one of the {len(labels)} labels {labels}"
-                + (f" nor an index from {cfg.label_index_base} to {cfg.label_index_base + len(labels) - 1}"
+        base = cfg.label_index_base or 0
+        what = (f"unknown label {clip(row['raw_label'])}: not one of the {len(labels)} labels {labels}"
+                + (f" nor an index from {base} to {base + len(labels) - 1}"
                    if re.fullmatch(r"-?\d+", str(row["raw_label"])) else ""))
     else: what = PROBLEM_NAMES[reason] + (f": {detail}" if detail else "")
-    return f"{source}: {where(fmt, int(row['line']))}: {what}"
+    return f"{source}: {where(records, int(row['line']))}: {what}"
 
-def _first_problem_error(rows: pd.DataFrame, source: str, fmt: str, cfg: DataConfig, labels: list[str]) -> DataError:
+def _first_problem_error(rows: pd.DataFrame, source: str, records: pd.DataFrame, cfg: DataConfig, labels: list[str]) -> DataError:
     "A DataError for the first row with a problem (and how many more there are)."
     bad = rows[rows.problem.notna()]
     first = bad.iloc[0]
     more = f" (and {len(bad) - 1} more bad row{'s' if len(bad) > 2 else ''}; strict=False drops and counts them)" if len(bad) > 1 else ""
-    return DataError(problem_message(first, first.problem, source, fmt, cfg, labels) + more)
+    return DataError(problem_message(first, first.problem, source, records, cfg, labels) + more)
 
 # %% ../nbs/02_data.ipynb #c040
 def split_csv_bytes(df: pd.DataFrame) -> bytes:
@@ -622,14 +292,44 @@ def data_hash(split_shas: dict[str, str]) -> str:
     "The data hash: SHA-256 of 'train:<sha>\\nval:<sha>\\ntest:<sha>'."
     return sha256_bytes("\n".join(f"{s}:{split_shas[s]}" for s in SPLITS).encode())
 
+# %% ../nbs/02_data.ipynb #e002
+def drop_warnings(dropped: dict, rows_read: int, known: list[str], kept_counts: dict, case_mismatch: int = 0,
+                  nul_rows: int = 0, imbalance_info: Optional[dict] = None) -> list[str]:
+    "Warnings about dropped rows, vanished classes, NUL bytes and imbalance (empty when all is well)."
+    out = []
+    problems = {k: v for k, v in dropped.items() if v and k not in ("duplicate_exact", "duplicate_normalised")}
+    n_bad = sum(problems.values())
+    if rows_read and n_bad > DROP_WARN_SHARE * rows_read:
+        out.append(f"{n_bad:,} of {rows_read:,} rows ({n_bad / rows_read:.1%}) were dropped: "
+                   + ", ".join(f"{k} {v:,}" for k, v in problems.items())
+                   + ("; bytes that are not UTF-8 often mean a Windows-1252/Latin-1 file: `iconv -f cp1252 -t utf-8`"
+                      if problems.get("undecodable_bytes") else ""))
+    gone = [l for l in known if not kept_counts.get(l)]
+    if gone: out.append(f"{len(gone)} class(es) vanished, no rows left: {', '.join(map(clip, gone[:10]))}")
+    if case_mismatch: out.append(f"{case_mismatch:,} rows have a label that differs from a known label only in case "
+                                 "(dropped as unknown_label); fix the file or the label names")
+    if nul_rows: out.append(f"{nul_rows:,} rows had NUL bytes in their text; they were removed (not kept in the processed CSVs)")
+    im = imbalance_info or {}
+    if im.get("flagged"): out.append(f"classes are imbalanced: {clip(im['largest'])} has {im['ratio']:g}x the rows of "
+                                     f"{clip(im['smallest'])} (flagged at {IMBALANCE_FLAG:g}x); consider class_weight: balanced")
+    return out
+
 # %% ../nbs/02_data.ipynb #c042
-def _drop_class_rows(kept: pd.DataFrame, labels: list[str], cfg: DataConfig, source: str) -> tuple[pd.DataFrame, list[str], int]:
+def _bad_rows_note(bad: dict) -> str:
+    "' (N rows were dropped before: reason n, ...)' for the counts of dropped rows, or ''."
+    bad = {k: v for k, v in bad.items() if v}
+    if not bad: return ""
+    return (f" ({sum(bad.values()):,} rows were dropped before that: " + ", ".join(f"{k} {v:,}" for k, v in bad.items())
+            + "; strict=true stops at the first with its line)")
+
+def _drop_class_rows(kept: pd.DataFrame, labels: list[str], cfg: DataConfig, source: str,
+                     bad: Optional[dict] = None) -> tuple[pd.DataFrame, list[str], int]:
     "Apply the class-size rules: single class is an error; small classes are an error (strict) or dropped."
     counts = kept.label.value_counts()
     present = [l for l in labels if counts.get(l, 0) > 0]
     if len(present) < 2:
-        raise DataError(f"{source}: only {len(present)} class ({', '.join(map(repr, present)) or 'none'}) has usable "
-                        "rows; a classifier needs at least two")
+        raise DataError(f"{source}: only {len(present)} class ({', '.join(map(clip, present)) or 'none'}) has usable "
+                        "rows; a classifier needs at least two" + _bad_rows_note(bad or {}))
     need = max(cfg.min_class_rows, 3)
     small = [l for l in labels if counts.get(l, 0) < need]
     if small and cfg.strict:
@@ -639,7 +339,7 @@ def _drop_class_rows(kept: pd.DataFrame, labels: list[str], cfg: DataConfig, sou
     keep_labels = [l for l in labels if l not in small]
     if len(keep_labels) < 2:
         raise DataError(f"{source}: only {len(keep_labels)} class has at least {need} rows ({keep_labels}); "
-                        "a classifier needs at least two")
+                        "a classifier needs at least two" + _bad_rows_note(bad or {}))
     drop = kept.label.isin(small).to_numpy()
     return kept[~drop], keep_labels, int(drop.sum())
 
@@ -651,19 +351,24 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
     steps = tqdm(total=7, desc="data", unit="step", disable=not progress)
     def step(name): steps.update(1); steps.set_postfix_str(f"{name} done")
     try:
+        _, profile = apply_profile(cfg, config_folder(full, base), base)
         cfg = resolve_inputs(cfg, base, store, ag_news_url, progress)
         source = cfg.raw_path
-        data = read_source_bytes(source, store)
-        fmt = detect_format(source, data, cfg.raw_format)
+        raw = read_raw(source, store)
+        cfg, fmt, guessed = resolve_layout(raw, cfg)
         label_names = cfg.label_names or (read_label_names(cfg.label_names_file, store) if cfg.label_names_file else None)
         step("read")
-        rows = parse_records(data, fmt, source, cfg)
-        source_sha, n_bytes = sha256_bytes(data), len(data)
-        del data  # the raw bytes are not needed any more (memory for large files)
+        rows = parse_records(raw, fmt, cfg, list(dict.fromkeys([*cfg.text_fields, cfg.label_field])))
+        records = pd.DataFrame(); records.attrs.update(rows.attrs)   # how to point at a record, for messages
+        source_info = {"path": source, "format": fmt, "sha256": raw.sha256, "bytes": raw.n_bytes,
+                       "compression": raw.compression, "encoding": raw.encoding}
+        del raw  # the raw bytes are not needed any more (memory for large files)
         if not len(rows): raise DataError(f"{source}: no records found")
         step("parse")
         rows, labels = clean_rows(rows, cfg, label_names)
-        if cfg.strict and rows.problem.notna().any(): raise _first_problem_error(rows, source, fmt, cfg, labels)
+        cfg = dataclasses.replace(cfg, label_index_base=rows.attrs["label_index_base"])
+        nul_rows = rows.attrs.get("nul_rows", 0)
+        if cfg.strict and rows.problem.notna().any(): raise _first_problem_error(rows, source, records, cfg, labels)
         rows = rows[["line", "problem", "detail", "raw_label", "text", "label"]]
         valid_pos = np.flatnonzero(rows.problem.isna().to_numpy())
         valid = rows[["line", "text", "label"]]
@@ -677,15 +382,18 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
         if cfg.strict and (dup == "conflicting_labels").any():
             c = valid[(dup == "conflicting_labels").to_numpy()]
             first = c.iloc[0]; other = c[(key[c.index] == key[first.name]).to_numpy() & (c.label != first.label).to_numpy()].iloc[0]
-            raise DataError(f"{source}: {where(fmt, int(first.line))} and {where(fmt, int(other.line))}: the same text has "
-                            f"different labels ({first.label!r} vs {other.label!r}): {first.text[:80]!r}")
+            raise DataError(f"{source}: {where(records, int(first.line))} and {where(records, int(other.line))}: the same text has "
+                            f"different labels ({clip(first.label)} vs {clip(other.label)}): {clip(first.text, 80)}")
         is_dup = dup.notna().to_numpy()
         problem = rows.problem.to_numpy(copy=True)
         problem[valid_pos[is_dup]] = dup.to_numpy()[is_dup]
         rows["problem"] = problem
         step("validate")
         keep = ~is_dup
-        kept, labels, n_small = _drop_class_rows(valid.iloc[np.flatnonzero(keep)] if is_dup.any() else valid, labels, cfg, source)
+        bad_counts = {k: int(v) for k, v in rows.problem.value_counts().items() if k not in ("duplicate_exact", "duplicate_normalised")}
+        known = list(labels)
+        kept, labels, n_small = _drop_class_rows(valid.iloc[np.flatnonzero(keep)] if is_dup.any() else valid, labels, cfg,
+                                                 source, bad_counts)
         if n_small: keep &= valid.label.isin(labels).to_numpy()
         kept_codes = key_codes[keep]
         codes = pd.Categorical(kept.label, categories=labels).codes.astype(np.int64)
@@ -705,11 +413,18 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
         K = len(labels)
         sample = np.sort(np.random.default_rng(cfg.seed).permutation(len(kept))[:LENGTH_SAMPLE])  # lengths: a sample is plenty
         words, sample_codes = word_counts(kept.text.iloc[sample]), codes[sample]
+        kept_counts = dict(zip(labels, np.bincount(codes, minlength=K).tolist()))
+        unknown = rows.raw_label[(rows.problem == "unknown_label").to_numpy()]
+        folded = {l.casefold() for l in known}
+        case_mismatch = int(unknown.str.casefold().isin(folded).sum()) if len(unknown) else 0
+        balance = imbalance(kept_counts)
+        warnings = drop_warnings(dropped, int(len(rows)), known, kept_counts, case_mismatch, nul_rows, balance)
         report = {
             "labels": labels, "n_classes": K,
-            "source": {"path": source, "format": fmt, "sha256": source_sha, "bytes": n_bytes,
-                       "label_names_file": cfg.label_names_file if not cfg.label_names else None},
+            "source": {**source_info, "label_names_file": cfg.label_names_file if not cfg.label_names else None},
+            "dataset": {**profile, "guessed": guessed},
             "rows_read": int(len(rows)), "rows_kept": int(len(kept)), "dropped": dropped,
+            "imbalance": balance, "warnings": warnings,
             "splits": {s: {"key": split_key(s, K), "rows": int(len(frames[s])), "sha256": shas[s],
                            "class_counts": dict(zip(labels, np.bincount(codes[where_split[s]], minlength=K).tolist()))}
                        for s in SPLITS},
@@ -730,7 +445,16 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
         store.write_json(DATA_REPORT_KEY, report)
         step("write")
     finally: steps.close()
+    print_drop_summary(report)
     return report
+
+def print_drop_summary(report: dict, out=None, err=None) -> None:
+    "Print what was dropped by reason (when anything was) and every warning of a data report, loudly."
+    dropped = {k: v for k, v in report["dropped"].items() if v}
+    if dropped:
+        print(f"nlpmt data: kept {report['rows_kept']:,} of {report['rows_read']:,} rows; dropped: "
+              + ", ".join(f"{k} {v:,}" for k, v in dropped.items()), file=out or sys.stdout)
+    for w in report.get("warnings", []): print(f"nlpmt data: WARNING: {w}", file=err or sys.stderr)
 
 # %% ../nbs/02_data.ipynb #c046
 _SYNTH_VOCAB = {
@@ -756,12 +480,12 @@ def demo_sample(config: Optional[Config], rows: int, seed: int, store: Store) ->
     "A stratified sample (text,label) of the configured raw data and its label order; (None, []) if unreadable."
     if config is None: return None, []
     try:
-        cfg = resolve_inputs(config.data, Path(config.config_dir).parent, store, progress=False, download=False)
+        cfg = resolve_inputs(effective_data_config(config)[0], Path(config.config_dir).parent, store, progress=False, download=False)
         if cfg.raw_path.startswith("s3://") or is_store_key(cfg.raw_path) and not store.exists(cfg.raw_path): return None, []
-        data = read_source_bytes(cfg.raw_path, store)
+        raw = read_raw(cfg.raw_path, store)
+        cfg, fmt, _ = resolve_layout(raw, cfg)
         names = cfg.label_names or (read_label_names(cfg.label_names_file, store) if cfg.label_names_file else None)
-        fmt = detect_format(cfg.raw_path, data, cfg.raw_format)
-        clean, labels = clean_rows(parse_records(data, fmt, cfg.raw_path, cfg), cfg, names)
+        clean, labels = clean_rows(parse_records(raw, fmt, cfg, list(dict.fromkeys([*cfg.text_fields, cfg.label_field]))), cfg, names)
     except (DataError, ConfigError, StoreError, OSError): return None, []
     clean = clean[clean.problem.isna()][["text", "label"]]
     if clean.label.nunique() < 2: return None, []

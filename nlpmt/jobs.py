@@ -458,8 +458,9 @@ def check_cloud_job(spec: JobSpec, config) -> None:
         raise ConfigError(f"the SageMaker backend needs an s3:// store, got {spec.store!r}: pass --store s3://bucket/prefix "
                           "or set project.store (copy local results up with `nlpmt sync up`)")
     if stage_name(spec.notebook) == "data":
-        for field_ in ("raw_path", "label_names_file"):
-            path = spec.params.get(field_) or getattr(config.data, field_) or ""
+        from nlpmt.datasets import dataset_paths   # parameters, config and dataset profile, as the stage reads them
+        for field_, path in dataset_paths(config, spec.params).items():
+            path = path or ""
             if path and "://" not in path and not path.startswith("data/"):
                 raise ConfigError(f"data.{field_} {path!r} is a file on this machine, which a SageMaker job cannot read: "
                                   f"copy it into the store under data/raw/ (e.g. `nlpmt sync up {spec.store}`) and pass "
@@ -857,6 +858,8 @@ def _add_backend_options(p) -> None:
     p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
     p.add_argument("--backend", choices=["local", "sagemaker"], default="local", help="where the jobs run (default: local)")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="one job per model (transformer stage)")
+    p.add_argument("--dataset", dest="overrides", action="append", default=[], type=_dataset_override, metavar="NAME|FILE",
+                   help="dataset profile: a name in configs/datasets/ or a profile file (sets data.dataset)")
     p.add_argument("--run-id", default=None, help="group the jobs under this run id (default: time + random)")
     p.add_argument("--instance-type", default=None, help="SageMaker instance type (default: from project.yaml)")
     p.add_argument("--spot", dest="spot", action="store_true", default=None, help="managed spot training (SageMaker)")
@@ -864,6 +867,11 @@ def _add_backend_options(p) -> None:
     p.add_argument("--role", default=None, help="SageMaker execution role ARN (default: project.role_arn)")
     p.add_argument("--poll", type=float, default=30.0, help=argparse.SUPPRESS)
     add_config_options(p)
+
+def _dataset_override(value: str) -> str:
+    "`--dataset NAME|FILE` as the override `data.dataset=...`."
+    from nlpmt.datasets import dataset_override
+    return dataset_override(value)
 
 def _sagemaker_kw(args) -> dict:
     "Submission options from parsed arguments."

@@ -21,7 +21,7 @@ def edit(config_dir: Path, section: str, **changes):
 
 def test_project_configs_are_valid():
     cfg = load_config(ROOT/"configs")
-    assert cfg.project.store == "./store" and cfg.data.label_field == "label"
+    assert cfg.project.store == "./store" and cfg.data.min_class_rows == 10 and cfg.data.raw_path is None  # data: a profile
     assert set(cfg.baseline.models) >= {"logreg", "linear_svm"} and cfg.transformer.models
 
 
@@ -40,9 +40,10 @@ def test_bad_config_names_file_and_key(config_dir, section, changes, message):
 
 
 def test_missing_required_value_and_bad_yaml(config_dir):
-    path = config_dir/"data_config.yaml"; data = yaml.safe_load(path.read_text()); del data["raw_path"]
+    path = config_dir/"models_baseline.yaml"; data = yaml.safe_load(path.read_text()); del data["models"]
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match="data_config.yaml: raw_path: required value is missing"): load_config(config_dir, env={})
+    with pytest.raises(ConfigError, match="models_baseline.yaml: models: required value is missing"): load_config(config_dir, env={})
+    path = config_dir/"data_config.yaml"
     path.write_text("raw_path: [unclosed")
     with pytest.raises(ConfigError, match="data_config.yaml: not valid YAML"): load_config(config_dir, env={})
     (config_dir/"project.yaml").unlink()

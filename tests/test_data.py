@@ -9,6 +9,7 @@ from nlpmt.core import DataConfig, load_config, sha256_bytes
 from nlpmt.storage import (DATA_REPORT_KEY, SPLITS, LocalStore, S3Store, read_data_report, read_split, split_hashes,
                            split_key)
 import nlpmt.data as data
+import nlpmt.formats as formats
 from nlpmt.data import DataError, prepare_data, prepare_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +68,8 @@ def test_ag_news_real_run(ag_news_dir, tmp_path):
 def test_fast_and_exact_csv_parsers_agree(ag_news_dir):
     raw = (ag_news_dir/"test.csv").read_bytes()
     names, needed = ["label", "title", "description"], ["title", "description", "label"]
-    fast = data.parse_csv_fast(raw, names, False, needed)
-    exact = data.parse_csv_exact(raw, names, False, needed)
+    fast = formats.parse_delimited_fast(raw, names, False, needed, ",", "csv")
+    exact = formats.parse_delimited_exact(raw, names, False, needed, ",", "csv")
     assert fast is not None and len(fast) == 7600
     pd.testing.assert_frame_equal(fast[["line", *needed]], exact[["line", *needed]], check_dtype=False)
 
@@ -192,7 +193,8 @@ def test_undecodable_bytes_in_json_lines_and_json_arrays(tmp_path):
     (cfg("single_class.csv"), "single_class.csv: only 1 class ('Tech') has usable rows; a classifier needs at least two"),
     (cfg("single_class.csv", strict=True), "only 1 class ('Tech') has usable rows"),
     (cfg("malformed_array.json"), "malformed_array.json: line 14 column 18: malformed JSON (Expecting ',' delimiter)"),
-    (cfg("headerless.csv", csv_header=False), "headerless.csv: a CSV without a header row needs `columns`"),
+    (cfg("headerless.csv", csv_header=False), "headerless.csv: column 'text' not found; the columns are ['column_1', "
+                                              "'column_2', 'column_3'] (the file has no header row: name its columns with `columns`"),
     (cfg("empty_text.csv", text_fields=["body"]), "empty_text.csv: column 'body' not found; the columns are ['text', 'label']"),
     (cfg("unknown_label.csv", label_names=["Nope", "Never"]), "unknown_label.csv: no usable rows: all 39 records are bad ({'unknown_label': 39})"),
     (cfg("x", raw_path="data/raw/missing.csv"), "data/raw/missing.csv: raw data file not found in the store"),
@@ -237,7 +239,7 @@ def test_raw_input_from_s3_and_outputs_to_s3_store(s3_bucket):
     report = run(cfg("x", raw_path=f"s3://{s3_bucket}/incoming/news.jsonl", label_names_file=f"s3://{s3_bucket}/incoming/classes.txt"), store)
     assert report["source"] == {"path": f"s3://{s3_bucket}/incoming/news.jsonl", "format": "jsonl",
                                 "sha256": sha256_bytes((FIX/"malformed.jsonl").read_bytes()), "bytes": (FIX/"malformed.jsonl").stat().st_size,
-                                "label_names_file": f"s3://{s3_bucket}/incoming/classes.txt"}
+                                "label_names_file": f"s3://{s3_bucket}/incoming/classes.txt", "compression": None, "encoding": "utf-8"}
     assert report["labels"] == LABELS3 and report["dropped"]["malformed_json"] == 2
     check_outputs(store, report)
     assert sorted(store.list("data/processed")) == [DATA_REPORT_KEY] + sorted(split_key(s, 3) for s in SPLITS)
@@ -299,7 +301,7 @@ def test_demo_data_is_a_stratified_ag_news_sample(ag_news_dir):
 
 def test_demo_data_synthesises_a_corpus_without_ag_news(tmp_path):
     shutil.copytree(ROOT/"configs", tmp_path/"configs")
-    cfg_file = tmp_path/"configs"/"data_config.yaml"
+    cfg_file = tmp_path/"configs"/"datasets"/"ag_news.yaml"
     cfg_file.write_text(cfg_file.read_text().replace("../shared/data/ag_news/", "missing/"))
     store = data.temp_store()
     report = prepare_demo_data(store, rows=400, seed=3, config=load_config(tmp_path/"configs"))
