@@ -21,8 +21,8 @@ __all__ = ['CREATE_OPERATIONS', 'OPT_ML', 'PASS_ENV', 'PASS_ENV_PREFIXES', 'SYST
            'host_path', 'download_s3', 'upload_s3', 'sync_checkpoints', 'layout_opt_ml', 'container_command',
            'make_job_venv', 'container_env', 'namespace_argv', 'isolation_mode', 'rewrite_opt_ml', 'apply_rewrite',
            'Interruption', 'Attempt', 'first_process', 'run_attempt', 'upload_outputs', 'failure_reason', 'job_status',
-           'ContainerResult', 'run_container_job', 'run_container', 'run_container_many', 'add_container_options',
-           'container_kw']
+           'ContainerResult', 'run_container_job', 'platform_client', 'run_container', 'run_container_many',
+           'add_container_options', 'container_kw']
 
 # %% ../nbs/06b_container.ipynb #c006
 CREATE_OPERATIONS = {"CreateTrainingJob": "training", "CreateProcessingJob": "processing"}
@@ -515,6 +515,20 @@ def _put_log_events(logs, group: str, stream: str, text: str) -> None:
     events = [{"timestamp": now, "message": line} for line in text.splitlines() if line.strip()]
     for i in range(0, len(events), 5000): logs.put_log_events(logGroupName=group, logStreamName=stream, logEvents=events[i:i + 5000])
 
+def platform_client(service: str, region: Optional[str] = None, credentials: Optional[dict] = None):
+    "A boto3 client acting for the SageMaker platform: with the execution role's credentials when given, else this machine's."
+    from nlpmt.storage import boto_client, aws_endpoint
+    if not credentials: return boto_client(service, region)
+    import boto3
+    from botocore.config import Config as BotoConfig
+    session = boto3.session.Session(aws_access_key_id=credentials.get("AWS_ACCESS_KEY_ID"),
+                                    aws_secret_access_key=credentials.get("AWS_SECRET_ACCESS_KEY"),
+                                    aws_session_token=credentials.get("AWS_SESSION_TOKEN"),
+                                    region_name=region or os.environ.get("AWS_REGION") or "us-east-1")
+    endpoint = aws_endpoint(service)
+    extra = {"s3": {"addressing_style": "path"}} if service == "s3" and endpoint else {}
+    return session.client(service, endpoint_url=endpoint, config=BotoConfig(retries={"max_attempts": 8, "mode": "standard"}, **extra))
+
 def run_container(spec, config, out=None, interruption: Optional[Interruption] = None, role: Optional[str] = None,
                   instance_type: Optional[str] = None, spot: Optional[bool] = None, credentials: Optional[dict] = None,
                   boto_session=None, keep: bool = False, grace_seconds: float = GRACE_SECONDS, prefix: str = ""):
@@ -522,7 +536,7 @@ def run_container(spec, config, out=None, interruption: Optional[Interruption] =
     import boto3
     from nlpmt.jobs import submit_sagemaker, JobResult, LOG_GROUPS
     from nlpmt.runner import stage_name
-    from nlpmt.storage import open_store, boto_client
+    from nlpmt.storage import S3Store
     out = out or sys.stdout
     check_local_sagemaker_endpoint()
     os.environ.setdefault("SAGEMAKER_VALIDATE_ROLE", "false")       # a local SageMaker API has no IAM to check against
@@ -532,15 +546,16 @@ def run_container(spec, config, out=None, interruption: Optional[Interruption] =
                           role=role or config.project.role_arn or PLACEHOLDER_ROLE, boto_session=session)
     kind, sent = recorder.sent[sj.job_name]
     job = read_job(sj.job_name, kind, session.client("sagemaker"), sent)
-    store = open_store(spec.store)
+    region = config.project.region
+    s3 = platform_client("s3", region, credentials)      # what SageMaker does for the job, it does as the execution role
     with tempfile.TemporaryDirectory(prefix="nlpmt-container-log-") as tmp:
         log_path = Path(tmp)/"job.log"
-        result = run_container_job(job, boto_client("s3", config.project.region), out, interruption, credentials,
+        result = run_container_job(job, s3, out, interruption, credentials,
                                    keep=keep, grace_seconds=grace_seconds, log_path=log_path, prefix=prefix)
         text = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
         try:
-            store.upload_file(log_path, f"results/notebooks/{spec.run_id}/{spec.name}.log")
-            _put_log_events(boto_client("logs", config.project.region), LOG_GROUPS[kind], f"{job.name}/algo-1-{int(time.time())}", text)
+            S3Store(spec.store, client=s3).upload_file(log_path, f"results/notebooks/{spec.run_id}/{spec.name}.log")
+            _put_log_events(platform_client("logs", region, credentials), LOG_GROUPS[kind], f"{job.name}/algo-1-{int(time.time())}", text)
         except Exception as e: print(f"{prefix}nlpmt-container: could not save the job's log: {e}", file=out)
     for line in result.lines(): print(f"{prefix}{line}", file=out, flush=True)
     return JobResult(spec.name, job.name, stage_name(spec.notebook), result.status, result.failure_reason,
