@@ -182,7 +182,7 @@ def layout_opt_ml(job: ContainerJob, root: Path, s3, restore_checkpoints: bool =
 # %% ../nbs/06b_container.ipynb #c018
 PASS_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
             "PYTHONHASHSEED", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
-PASS_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "AWS_", "NLPMT_TEST_")
+PASS_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "AWS_")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def container_command(job: ContainerJob) -> list[str]:
@@ -502,7 +502,7 @@ def run_container_job(job: ContainerJob, s3, out=None, interruption: Optional[In
     finally:
         if not keep: shutil.rmtree(work, ignore_errors=True)
 
-# %% ../nbs/06b_container.ipynb #c036
+# %% ../nbs/06b_container.ipynb #c038
 PLACEHOLDER_ROLE = "arn:aws:iam::123456789012:role/nlpmt-container-backend"
 
 def _put_log_events(logs, group: str, stream: str, text: str) -> None:
@@ -561,7 +561,7 @@ def run_container(spec, config, out=None, interruption: Optional[Interruption] =
     return JobResult(spec.name, job.name, stage_name(spec.notebook), result.status, result.failure_reason,
                      result.seconds, sj.notebook_url, 0 if result.status == "Completed" else 1, "container", result.root)
 
-# %% ../nbs/06b_container.ipynb #c037
+# %% ../nbs/06b_container.ipynb #c039
 def run_container_many(specs: list, config, out=None, **kw) -> list:
     "Run jobs with the container backend one after another (one machine), stopping at nothing: every job reports."
     return [run_container(spec, config, out=out, **kw) for spec in specs]

@@ -95,6 +95,13 @@ def project(enforced_moto, tmp_path_factory):
             relaxed |= changed
             iam.put_role_policy(RoleName=role, PolicyName=policy_name, PolicyDocument=json.dumps(checkable))
         assert relaxed == set(MOTO_RELAXED)
+        # in AWS the service (SageMaker, EC2) assumes the role; here the admin stands in for it, so it must be trusted
+        admin_arn = sts.get_caller_identity()["Arn"]
+        for role, service in ((names.sagemaker_role, "sagemaker.amazonaws.com"), (names.ec2_role, "ec2.amazonaws.com")):
+            trust = iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"]
+            assert aws.trusts_service(json.loads(trust) if isinstance(trust, str) else trust, service)
+            iam.update_assume_role_policy(RoleName=role, PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Principal": {"AWS": admin_arn}, "Action": "sts:AssumeRole"}]}))
         creds = {}
         for who, arn in (("execution", done["sagemaker_role_arn"]), ("workstation", done["ec2_role_arn"])):
             c = sts.assume_role(RoleArn=arn, RoleSessionName=f"nlpmt-{who}")["Credentials"]
@@ -145,6 +152,7 @@ def test_the_project_runs_with_the_bootstrapped_roles(project, tmp_path, monkeyp
     use(monkeypatch, url, project["creds"]["workstation"])
     assert main(["sync", "up", uri, "--local", str(local.root), "-q"]) == 0
     assert S3Store(uri).exists("data/processed/data_report.json")
+    capsys.readouterr()
     assert main(["run", OK, "--backend", "sagemaker", "--job-type", "training", "--store", uri, "--role", role]) == 0
     name = capsys.readouterr().out.splitlines()[0]
     assert main(["jobs", "status", name]) == 0 and "status:           Completed" in capsys.readouterr().out
