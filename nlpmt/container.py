@@ -47,6 +47,7 @@ class ContainerJob:
     request: dict                                    # Describe* answer, with the missing request fields filled in
     filled: list = field(default_factory=list)       # request fields the Describe answer lacked
 
+# %% ../nbs/06b_container.ipynb #c009
 def read_job(name: str, kind: str, client, sent: Optional[dict] = None) -> ContainerJob:
     "Describe job `name` and fill the fields the answer lacks from `sent` (the request as the SDK sent it)."
     d = dict(client.describe_training_job(TrainingJobName=name) if kind == "training"
@@ -55,7 +56,7 @@ def read_job(name: str, kind: str, client, sent: Optional[dict] = None) -> Conta
     filled = sorted(k for k in (sent or {}) if k not in d)
     return ContainerJob(name, kind, {**{k: sent[k] for k in filled}, **d}, filled)
 
-# %% ../nbs/06b_container.ipynb #c009
+# %% ../nbs/06b_container.ipynb #c010
 def _host(url: str) -> str:
     "The host name of an endpoint URL."
     from urllib.parse import urlsplit
@@ -73,7 +74,7 @@ def check_local_sagemaker_endpoint() -> str:
             f"(the store stays where it is); the SageMaker endpoint now is {url or 'AWS itself'}")
     return url
 
-# %% ../nbs/06b_container.ipynb #c012
+# %% ../nbs/06b_container.ipynb #c013
 OPT_ML = "/opt/ml"
 
 def host_path(root: Path, container_path: str) -> Path:
@@ -119,7 +120,7 @@ def upload_s3(s3, folder: Path, uri: str) -> list[str]:
         s3.upload_file(str(path), bucket, key); keys.append(key)
     return keys
 
-# %% ../nbs/06b_container.ipynb #c014
+# %% ../nbs/06b_container.ipynb #c015
 def sync_checkpoints(s3, folder: Path, uri: str) -> None:
     "Make the S3 prefix `uri` equal `folder`: changed files up, files deleted locally deleted there (as SageMaker syncs)."
     bucket, prefix = _split_s3(uri)
@@ -138,7 +139,7 @@ def sync_checkpoints(s3, folder: Path, uri: str) -> None:
     for i in range(0, len(gone), 1000):
         s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in gone[i:i + 1000]], "Quiet": True})
 
-# %% ../nbs/06b_container.ipynb #c016
+# %% ../nbs/06b_container.ipynb #c017
 def _resource_config(job: ContainerJob) -> dict:
     "resourceconfig.json: one host, `algo-1`."
     itype = (job.request.get("ResourceConfig", {}).get("InstanceType") or
@@ -179,7 +180,7 @@ def layout_opt_ml(job: ContainerJob, root: Path, s3, restore_checkpoints: bool =
             if out.get("S3Output"): host_path(root, out["S3Output"]["LocalPath"]).mkdir(parents=True, exist_ok=True)
     return root
 
-# %% ../nbs/06b_container.ipynb #c018
+# %% ../nbs/06b_container.ipynb #c019
 PASS_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
             "PYTHONHASHSEED", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
 PASS_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "AWS_")
@@ -194,6 +195,7 @@ def container_command(job: ContainerJob) -> list[str]:
                          "Docker (nlpmt jobs always set one)")
     return entry + args
 
+# %% ../nbs/06b_container.ipynb #c020
 def make_job_venv(folder: Path) -> Path:
     "A throw-away virtualenv in `folder` that sees this environment's packages; returns its bin folder."
     import site, venv
@@ -208,6 +210,7 @@ def make_job_venv(folder: Path) -> Path:
         shim.write_text('#!/bin/sh\nexec "$(dirname "$0")/python" -m pip "$@"\n'); shim.chmod(0o755)
     return bin_dir
 
+# %% ../nbs/06b_container.ipynb #c022
 def container_env(job: ContainerJob, bin_dir: Path, credentials: Optional[dict] = None,
                   base: Optional[dict] = None) -> dict[str, str]:
     "The job's environment: the allow-listed variables of `base`, credentials, the request's Environment, the job name."
@@ -223,7 +226,7 @@ def container_env(job: ContainerJob, bin_dir: Path, credentials: Optional[dict] 
         env["TRAINING_JOB_ARN"] = job.request.get("TrainingJobArn", "")
     return env
 
-# %% ../nbs/06b_container.ipynb #c021
+# %% ../nbs/06b_container.ipynb #c025
 NAMESPACE_SETUP = r"""set -e
 mount --make-rprivate /
 if [ ! -d /opt/ml ]; then
@@ -259,7 +262,7 @@ def isolation_mode() -> str:
         _ISOLATION["mode"] = "namespace" if ok else "rewrite"
     return _ISOLATION["mode"]
 
-# %% ../nbs/06b_container.ipynb #c024
+# %% ../nbs/06b_container.ipynb #c028
 def rewrite_opt_ml(text: str, root: Path) -> str:
     "`text` with every `/opt/ml` path pointing into `root` instead."
     return re.sub(r"/opt/ml(?=/|\b|$)", str(root).replace("\\", "/"), text)
@@ -273,7 +276,7 @@ def apply_rewrite(root: Path, argv: list[str], env: dict) -> tuple[list[str], di
     env["NLPMT_OPT_ML"] = str(root)
     return [rewrite_opt_ml(a, root) for a in argv], env
 
-# %% ../nbs/06b_container.ipynb #c027
+# %% ../nbs/06b_container.ipynb #c031
 GRACE_SECONDS = 120.0   # SageMaker's time between SIGTERM and SIGKILL (spot interruption, StopTrainingJob, MaxRuntime)
 
 @dataclass
@@ -297,7 +300,7 @@ class Attempt:
     killed: bool = False                    # SIGKILL after the grace period
     log: str = ""                           # path of this attempt's log
 
-# %% ../nbs/06b_container.ipynb #c028
+# %% ../nbs/06b_container.ipynb #c032
 def _children(pid: int) -> list[int]:
     "Direct children of `pid` (Linux /proc)."
     try: return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -319,7 +322,7 @@ def _signal(pid: Optional[int], sig) -> None:
         try: os.kill(pid, sig)
         except ProcessLookupError: pass
 
-# %% ../nbs/06b_container.ipynb #c029
+# %% ../nbs/06b_container.ipynb #c033
 def run_attempt(argv: list[str], env: dict, mode: str, log_path: Path, out, max_runtime: Optional[float] = None,
                 interruption: Optional[Interruption] = None, on_tick: Optional[Callable[[], None]] = None,
                 tick_seconds: float = 2.0, grace_seconds: float = GRACE_SECONDS, prefix: str = "") -> Attempt:
@@ -379,13 +382,14 @@ def run_attempt(argv: list[str], env: dict, mode: str, log_path: Path, out, max_
     if why.startswith("stop requested"): why = "stop-request"
     return Attempt(rc, why, time.time() - start, killed, str(log_path))
 
-# %% ../nbs/06b_container.ipynb #c031
+# %% ../nbs/06b_container.ipynb #c035
 def _tar(folder: Path, dest: Path) -> Path:
     "A gzipped tar of the contents of `folder` (no leading folder name), as SageMaker writes model.tar.gz."
     with tarfile.open(dest, "w:gz") as tar:
         for p in sorted(Path(folder).iterdir()): tar.add(p, arcname=p.name)
     return dest
 
+# %% ../nbs/06b_container.ipynb #c036
 def upload_outputs(job: ContainerJob, root: Path, s3, completed: bool) -> dict[str, str]:
     "Upload what the platform uploads at the end of a job; returns name -> s3:// URI."
     out, r = {}, job.request
@@ -406,6 +410,7 @@ def upload_outputs(job: ContainerJob, root: Path, s3, completed: bool) -> dict[s
                 out[o.get("OutputName", s3o["LocalPath"])] = s3o["S3Uri"]
     return out
 
+# %% ../nbs/06b_container.ipynb #c037
 def failure_reason(job: ContainerJob, root: Path) -> str:
     "The failure reason the platform reports: the first 1 KiB of output/failure (Training) or output/message."
     for name in (("failure", "message") if job.kind == "training" else ("message", "failure")):
@@ -420,7 +425,7 @@ def job_status(attempt: Attempt) -> str:
     if attempt.returncode == 0: return "Completed"
     return "Stopped" if attempt.stopped_by in ("max-runtime", "stop-request") else "Failed"
 
-# %% ../nbs/06b_container.ipynb #c033
+# %% ../nbs/06b_container.ipynb #c040
 @dataclass
 class ContainerResult:
     "How a container job ended, in the terms of `nlpmt jobs status`."
@@ -448,7 +453,7 @@ class ContainerResult:
         out += [f"{k + ':':<18}{v}" for k, v in self.outputs.items()]
         return out
 
-# %% ../nbs/06b_container.ipynb #c034
+# %% ../nbs/06b_container.ipynb #c041
 def run_container_job(job: ContainerJob, s3, out=None, interruption: Optional[Interruption] = None,
                       credentials: Optional[dict] = None, sync_seconds: float = 2.0, keep: bool = False,
                       grace_seconds: float = GRACE_SECONDS, log_path: Optional[Path] = None,
@@ -502,7 +507,7 @@ def run_container_job(job: ContainerJob, s3, out=None, interruption: Optional[In
     finally:
         if not keep: shutil.rmtree(work, ignore_errors=True)
 
-# %% ../nbs/06b_container.ipynb #c038
+# %% ../nbs/06b_container.ipynb #c045
 PLACEHOLDER_ROLE = "arn:aws:iam::123456789012:role/nlpmt-container-backend"
 
 def _put_log_events(logs, group: str, stream: str, text: str) -> None:
@@ -561,7 +566,7 @@ def run_container(spec, config, out=None, interruption: Optional[Interruption] =
     return JobResult(spec.name, job.name, stage_name(spec.notebook), result.status, result.failure_reason,
                      result.seconds, sj.notebook_url, 0 if result.status == "Completed" else 1, "container", result.root)
 
-# %% ../nbs/06b_container.ipynb #c039
+# %% ../nbs/06b_container.ipynb #c046
 def run_container_many(specs: list, config, out=None, **kw) -> list:
     "Run jobs with the container backend one after another (one machine), stopping at nothing: every job reports."
     return [run_container(spec, config, out=out, **kw) for spec in specs]

@@ -93,7 +93,7 @@ def test_spot_interruption_checkpoints_at_sigterm_and_attempt_2_matches_an_unint
     seed_store(ref_store, n=600)
     ref = train_transformer(ref_store, train_params(config, **{k: v for k, v in params.items() if k != "num_threads"}),
                             config, checkpoint_dir=str(tmp_path/"ref-ckpt"), num_threads=1, progress=False).record
-    assert ref["data_hash"] == resumed["data_hash"] and ref["run"] == resumed["run"]
+    assert ref["data"] == resumed["data"] and ref["run"] == resumed["run"]
     for key in ("validation", "test", "predictions", "steps", "best_step", "train_rows"):
         assert resumed[key] == ref[key], key
     for a, b in zip(resumed["history"], ref["history"], strict=True):
@@ -204,3 +204,14 @@ def test_s3_prefix_downloads_follow_sagemaker_naming_and_stay_inside_the_channel
     with pytest.raises(ValueError, match="outside"):
         download_s3(s3, f"s3://{s3_bucket}/q/", tmp_path/"d")
     assert host_path(tmp_path, "/opt/ml/processing/input/code") == tmp_path/"processing/input/code"
+
+
+def test_max_runtime_stops_the_job_with_sigterm_then_reports_stopped(tmp_path):
+    job = processing_job(["/bin/bash", "-c", f"exec {shlex_quote(sys.executable)} -c {shlex_quote(HANDLER)}"])
+    job.request["StoppingCondition"]["MaxRuntimeInSeconds"] = 2
+    out = io.StringIO()
+    res = run_container_job(job, None, out=out, keep=True)
+    assert res.status == "Stopped" and res.secondary_status == "MaxRuntimeExceeded", out.getvalue()
+    assert res.attempts[0].returncode == 143 and not res.attempts[0].killed
+    assert (Path(res.root)/"output/got").read_text() == "SIGTERM" and "MaxRuntimeInSeconds (2 s) reached" in out.getvalue()
+    shutil.rmtree(Path(res.root).parent.parent, ignore_errors=True)
