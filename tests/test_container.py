@@ -215,3 +215,15 @@ def test_max_runtime_stops_the_job_with_sigterm_then_reports_stopped(tmp_path):
     assert res.attempts[0].returncode == 143 and not res.attempts[0].killed
     assert (Path(res.root)/"output/got").read_text() == "SIGTERM" and "MaxRuntimeInSeconds (2 s) reached" in out.getvalue()
     shutil.rmtree(Path(res.root).parent.parent, ignore_errors=True)
+
+
+def test_container_backend_refuses_a_sagemaker_api_that_would_run_the_job(s3_bucket, monkeypatch, capsys):
+    "Against AWS itself the container backend would start (and bill) a real job: refused before anything is created."
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", "https://api.sagemaker.us-east-1.amazonaws.com")
+    args = ["--backend", "container", "--store", f"s3://{s3_bucket}/p"]
+    assert main(["run", FAIL, "--job-type", "training", *args]) == 1
+    assert main(["pipeline", "-p", "raw_path", "data/raw/test.csv", "-p", "label_names_file", "data/raw/classes.txt", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.count("the container backend creates the job on a SageMaker API that does not run it") == 2
+    assert "AWS_ENDPOINT_URL_SAGEMAKER=http://127.0.0.1:5055" in err
+    assert not S3Store(f"s3://{s3_bucket}/p").list("code")                        # no bundle was uploaded

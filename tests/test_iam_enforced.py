@@ -123,7 +123,9 @@ def s3_as(project: dict, who: str):
 def denied(call) -> bool:
     "True when the call fails with AccessDenied."
     try: call()
-    except ClientError as e: return e.response["Error"]["Code"] in ("AccessDenied", "AccessDeniedException")
+    except ClientError as e:   # moto answers JSON services (SageMaker, Logs) with a bare 403
+        return e.response["Error"]["Code"] in ("AccessDenied", "AccessDeniedException", "403") \
+            or e.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     return False
 
 
@@ -138,8 +140,11 @@ def test_writes_outside_the_store_and_deletes_outside_stage_outputs_are_denied(p
     assert denied(lambda: s3.delete_object(Bucket=bucket, Key="proj/results/allowed.txt"))         # no --allow-delete
     s3.put_object(Bucket=bucket, Key="proj/models/final/m/old.bin", Body=b"x")
     s3.delete_object(Bucket=bucket, Key="proj/models/final/m/old.bin")                      # stages replace these
-    assert denied(lambda: boto3.client("iam", endpoint_url=project["url"], region_name="us-east-1",
-                                       **{k.lower(): v for k, v in project["creds"][who].items()}).list_roles())
+    client = lambda service: boto3.client(service, endpoint_url=project["url"], region_name="us-east-1",
+                                          **{k.lower(): v for k, v in project["creds"][who].items()})
+    assert denied(lambda: client("iam").list_roles())
+    if who == "execution": assert denied(lambda: client("sagemaker").list_training_jobs())   # enforced for SageMaker too
+    else: client("sagemaker").list_training_jobs()                                        # the workstation launches jobs
 
 
 @pytest.mark.slow
