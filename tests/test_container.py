@@ -191,7 +191,7 @@ def shlex_quote(text: str) -> str:
 
 
 def test_s3_prefix_downloads_follow_sagemaker_naming_and_stay_inside_the_channel(s3_bucket, tmp_path):
-    s3 = boto3.client("s3")
+    s3 = boto3.session.Session().client("s3")
     for key in ("p/data/train.csv", "p/code/a.py", "p/code/sub/b.py", "p/code2/c.py"):
         s3.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
     names = lambda files, base: sorted(str(f.relative_to(base)) for f in files)

@@ -85,7 +85,9 @@ def project(enforced_moto, tmp_path_factory):
         bucket, prefix = f"nlpmt-iam-{uuid.uuid4().hex[:8]}", "proj"
         config = load_config()
         done = aws.bootstrap(config, bucket, prefix, write_config=False)
-        iam, sts = boto3.client("iam"), boto3.client("sts")
+        admin_session = boto3.session.Session(aws_access_key_id=admin["AWS_ACCESS_KEY_ID"], region_name="us-east-1",
+                                              aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"])   # not boto3's cached default
+        iam, sts = admin_session.client("iam", endpoint_url=url), admin_session.client("sts", endpoint_url=url)
         names = aws.aws_names(config.project.name)
         relaxed = set()
         for role, policy_name in ((names.sagemaker_role, aws.SAGEMAKER_POLICY_NAME), (names.ec2_role, aws.EC2_POLICY_NAME)):
@@ -107,7 +109,7 @@ def project(enforced_moto, tmp_path_factory):
             c = sts.assume_role(RoleArn=arn, RoleSessionName=f"nlpmt-{who}")["Credentials"]
             creds[who] = {"AWS_ACCESS_KEY_ID": c["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],
                           "AWS_SESSION_TOKEN": c["SessionToken"]}
-        boto3.client("s3").create_bucket(Bucket=f"{bucket}-other")          # someone else's bucket
+        admin_session.client("s3", endpoint_url=url).create_bucket(Bucket=f"{bucket}-other")   # someone else's bucket
         yield {"url": url, "bucket": bucket, "uri": f"s3://{bucket}/{prefix}", "role": done["sagemaker_role_arn"],
                "creds": creds, "admin": admin}
     finally:
