@@ -24,8 +24,8 @@ from .supervise import (parent_pipe, follow_file, write_job_plan, finish_local_j
                              STOP_GRACE_ENV)
 
 # %% auto #0
-__all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'BUNDLE_SKIP', 'JOB_SCRIPT', 'TERMINAL', 'LOG_GROUPS', 'PIPELINE',
-           'job_base_name', 'with_timestamp', 'job_name', 'JobSpec', 'resolve_store_uri', 'model_parameter',
+__all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'BUNDLE_SKIP', 'JOB_SCRIPT', 'JOB_COMMAND', 'TERMINAL', 'LOG_GROUPS',
+           'PIPELINE', 'job_base_name', 'with_timestamp', 'job_name', 'JobSpec', 'resolve_store_uri', 'model_parameter',
            'plan_jobs', 'as_string', 'param_args', 'config_env', 'JobResult', 'checkpoint_prefix', 'local_job_env',
            'local_checkpoint_dir', 'prepare_local_job', 'run_local', 'JobInterrupted', 'project_root_or_cwd',
            'start_local_detached', 'visible_gpus', 'run_local_many', 'bundle_requirements', 'make_bundle',
@@ -371,6 +371,7 @@ PY=$(command -v python3 || command -v python)
 "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt
 exec "$PY" -m nlpmt.runner "$@"
 """
+JOB_COMMAND = "exec bash nlpmt_job.sh"   # Training: `exec` so the runner replaces sm_train.sh's shells as PID 1
 
 def bundle_requirements() -> list[str]:
     "The package's requirements, less those in `BUNDLE_SKIP`."
@@ -524,7 +525,7 @@ def _submit_training(spec, config, session, bundle, args, itype, spot, role, sto
                                  **({"max_wait_time_in_seconds": p.max_wait_seconds} if spot else {}))
     trainer = ModelTrainer(
         sagemaker_session=session, role=role, base_job_name=spec.job_name, training_image=image_uri(config, itype),
-        source_code=SourceCode(source_dir=str(bundle), command="bash nlpmt_job.sh", args=args),
+        source_code=SourceCode(source_dir=str(bundle), command=JOB_COMMAND, args=args),
         compute=Compute(instance_type=itype, instance_count=p.instance_count, enable_managed_spot_training=bool(spot)),
         stopping_condition=stopping,
         output_data_config=OutputDataConfig(s3_output_path=store.url(JOB_OUTPUT_PREFIX)),
@@ -828,6 +829,9 @@ def run_pipeline(store: Optional[str] = None, backend: str = "local", config=Non
     print(f"nlpmt: pipeline run {run_id}: {' -> '.join(stages)} ({backend} backend) into {plans[stages[0]][0].store}", file=out)
     for s in stages:
         if backend == "local": batch = run_local_many(plans[s], out=out)
+        elif backend == "container":
+            from nlpmt.container import run_container_many
+            batch = run_container_many(plans[s], config, out=out, **sagemaker_kw)
         else: batch = run_sagemaker_many(plans[s], config, out=out, **sagemaker_kw)
         results += batch
         if any(r.status != "Completed" for r in batch): break
@@ -856,7 +860,8 @@ def _add_backend_options(p) -> None:
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a notebook parameter (repeatable), converted to the type of its default")
     p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
-    p.add_argument("--backend", choices=["local", "sagemaker"], default="local", help="where the jobs run (default: local)")
+    p.add_argument("--backend", choices=["local", "sagemaker", "container"], default="local",
+                   help="where the jobs run (default: local); container: the SageMaker request executed on this machine")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="one job per model (transformer stage)")
     p.add_argument("--dataset", dest="overrides", action="append", default=[], type=_dataset_override, metavar="NAME|FILE",
                    help="dataset profile: a name in configs/datasets/ or a profile file (sets data.dataset)")
@@ -866,6 +871,8 @@ def _add_backend_options(p) -> None:
     p.add_argument("--no-spot", dest="spot", action="store_false", help="on-demand training (SageMaker)")
     p.add_argument("--role", default=None, help="SageMaker execution role ARN (default: project.role_arn)")
     p.add_argument("--poll", type=float, default=30.0, help=argparse.SUPPRESS)
+    from nlpmt.container import add_container_options
+    add_container_options(p)
     add_config_options(p)
 
 def _dataset_override(value: str) -> str:
@@ -895,6 +902,11 @@ def cmd_run(args) -> int:
         print_summary(results, specs[0].store)
         return 0 if all(r.status == "Completed" for r in results) else 1
     for s in specs: check_cloud_job(s, config)
+    if args.backend == "container":
+        from nlpmt.container import run_container_many, container_kw
+        results = run_container_many(specs, config, **_sagemaker_kw(args), **container_kw(args))
+        print_summary(results, specs[0].store)
+        return 0 if all(r.status == "Completed" for r in results) else 1
     if not args.wait:
         for s in specs:
             sj = submit_sagemaker(s, config, **_sagemaker_kw(args))
@@ -911,6 +923,9 @@ def cmd_pipeline(args) -> int:
     from nlpmt.cli import config_from_args
     config = config_from_args(args)
     kw = {} if args.backend == "local" else {**_sagemaker_kw(args), "poll": args.poll, "logs": args.logs}
+    if args.backend == "container":
+        from nlpmt.container import container_kw
+        kw = {**_sagemaker_kw(args), **container_kw(args)}
     try:
         results = run_pipeline(args.store, args.backend, config, dict(args.param), args.models, args.run_id,
                                args.overrides, args.config_dir, **kw)
