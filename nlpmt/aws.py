@@ -22,20 +22,20 @@ from .storage import bucket_name_problem, S3_BUCKET_RULE
 # %% auto #0
 __all__ = ['PRICE_COLUMNS', 'JOB_LOG_GROUPS', 'JOB_METRIC_NAMESPACES', 'JOB_CODE_PREFIX', 'JOB_OUTPUT_PREFIX',
            'JOB_CHECKPOINT_PREFIX', 'JOB_STORE_ACCESS', 'JOB_DELETE_PREFIXES', 'FRAMEWORK_IMAGE_REPOSITORY',
-           'JOB_NAME_HEAD', 'BUCKET_RE', 'ACCOUNT_RE', 'ROLE_ARN_RE', 'S3_ACTIONS_NEEDED', 'STAR_RESOURCE_OK',
-           'INSTANCE_LOG_GROUPS', 'S3_MODE_ACTIONS', 'DLC_ACCOUNT', 'SAGEMAKER_POLICY_NAME', 'EC2_POLICY_NAME',
-           'MANAGED_TAG', 'PUBLIC_ACCESS_BLOCK', 'DLAMI_NAME_PATTERN', 'USER_DATA_MARKER', 'DEFAULT_SRC', 'EC2_USER',
-           'EC2_WORKDIR', 'JUPYTER_PORT', 'EMAIL_RE', 'asset_path', 'InstancePrice', 'price_table', 'instance_price',
-           'job_cost', 'estimate_cost', 'job_name_prefix', 'ecr_repository_arn', 'job_image_repositories',
-           'store_access', 'log_group_arns', 'job_arns', 'check_bucket_name', 'trust_policy', 's3_statements',
-           'sagemaker_role_policy', 'ec2_role_policy', 'check_policy', 'policy_allows', 'trusts_service',
-           'sagemaker_job_needs', 'set_yaml_scalars', 'AwsNames', 'aws_names', 'aws_tags', 'tls_only_statement',
-           'ensure_bucket', 'ensure_role', 'ensure_instance_profile', 'bootstrap', 'newest_image', 'find_dlami',
-           'user_data_template', 'render_user_data', 'ensure_ssh_group', 'launch_instance', 'list_instances',
-           'connect_info', 'terminate_instance', 'budget_notifications', 'ensure_budget', 'Check', 'doctor_checks',
-           'format_checks', 'cmd_policy', 'cmd_check_policy', 'cmd_bootstrap', 'cmd_ec2_launch', 'cmd_ec2_list',
-           'cmd_ec2_connect', 'cmd_ec2_terminate', 'cmd_budget', 'cmd_cost_estimate', 'cmd_cost_prices', 'cmd_doctor',
-           'register_cli']
+           'JOB_NAME_HEAD', 'BUCKET_RE', 'ACCOUNT_RE', 'CONFUSED_DEPUTY_SERVICES', 'ROLE_ARN_RE', 'S3_ACTIONS_NEEDED',
+           'STAR_RESOURCE_OK', 'INSTANCE_LOG_GROUPS', 'S3_MODE_ACTIONS', 'DLC_ACCOUNT', 'SAGEMAKER_POLICY_NAME',
+           'EC2_POLICY_NAME', 'MANAGED_TAG', 'PUBLIC_ACCESS_BLOCK', 'DLAMI_NAME_PATTERN', 'USER_DATA_MARKER',
+           'DEFAULT_SRC', 'EC2_USER', 'EC2_WORKDIR', 'JUPYTER_PORT', 'EMAIL_RE', 'asset_path', 'InstancePrice',
+           'price_table', 'instance_price', 'job_cost', 'estimate_cost', 'job_name_prefix', 'ecr_repository_arn',
+           'job_image_repositories', 'store_access', 'log_group_arns', 'job_arns', 'check_bucket_name', 'trust_policy',
+           's3_statements', 'sagemaker_role_policy', 'ec2_role_policy', 'check_policy', 'policy_allows',
+           'trusts_service', 'sagemaker_job_needs', 'set_yaml_scalars', 'AwsNames', 'aws_names', 'aws_tags',
+           'tls_only_statement', 'ensure_bucket', 'ensure_role', 'ensure_instance_profile', 'bootstrap', 'newest_image',
+           'find_dlami', 'user_data_template', 'render_user_data', 'ensure_ssh_group', 'launch_instance',
+           'list_instances', 'connect_info', 'terminate_instance', 'budget_notifications', 'ensure_budget', 'Check',
+           'doctor_checks', 'format_checks', 'cmd_policy', 'cmd_check_policy', 'cmd_bootstrap', 'cmd_ec2_launch',
+           'cmd_ec2_list', 'cmd_ec2_connect', 'cmd_ec2_terminate', 'cmd_budget', 'cmd_cost_estimate', 'cmd_cost_prices',
+           'cmd_doctor', 'register_cli']
 
 # %% ../nbs/07_aws.ipynb #c007
 PRICE_COLUMNS = ("instance_type", "service", "on_demand_usd_per_hour", "spot_usd_per_hour", "gpus", "gpu",
@@ -196,10 +196,12 @@ def _policy(*statements: dict) -> dict:
 
 ACCOUNT_RE = re.compile(r"\d{12}")
 
+CONFUSED_DEPUTY_SERVICES = ("sagemaker.amazonaws.com",)   # services that send aws:SourceAccount/SourceArn when assuming a role
+
 def trust_policy(service: str, account: Optional[str] = None, region: Optional[str] = None) -> dict:
-    "Trust policy that lets an AWS service (e.g. `sagemaker.amazonaws.com`) assume the role, only on behalf of `account` (and, for SageMaker, its resources in `region`) when known."
+    "Trust policy that lets an AWS service assume the role; SageMaker only on behalf of `account`'s resources in `region`, when known."
     statement = {"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}
-    if account is not None:
+    if account is not None and service in CONFUSED_DEPUTY_SERVICES:
         if not ACCOUNT_RE.fullmatch(str(account)): raise ValueError(f"account {account!r} is not a 12-digit AWS account id")
         statement["Condition"] = {"StringEquals": {"aws:SourceAccount": str(account)}}
         if service == "sagemaker.amazonaws.com":   # SageMaker sends the ARN of the job it assumes the role for

@@ -213,8 +213,7 @@ def test_bootstrap_is_idempotent_and_repairs_drift(aws_env, project, capsys):
     assert trust == aws.trust_policy("sagemaker.amazonaws.com", "123456789012", "us-east-1")
     assert trust["Statement"][0]["Condition"] == {"StringEquals": {"aws:SourceAccount": "123456789012"},
                                                   "ArnLike": {"aws:SourceArn": "arn:aws:sagemaker:us-east-1:123456789012:*"}}
-    assert iam.get_role(RoleName=f"{name}-ec2")["Role"]["AssumeRolePolicyDocument"]["Statement"][0]["Condition"] == \
-        {"StringEquals": {"aws:SourceAccount": "123456789012"}}
+    assert "Condition" not in iam.get_role(RoleName=f"{name}-ec2")["Role"]["AssumeRolePolicyDocument"]["Statement"][0]
     assert iam.get_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME)["PolicyDocument"] == \
         aws.sagemaker_role_policy(bucket, region="us-east-1", account="123456789012")
     profile = iam.get_instance_profile(InstanceProfileName=f"{name}-ec2")["InstanceProfile"]
@@ -588,7 +587,7 @@ def test_user_data_script_installs_syncs_and_serves_jupyterlab(aws_env, s3_bucke
 
 
 def test_trust_policies_carry_confused_deputy_conditions_and_arns_are_pinned(capsys):
-    "Issue 11 (IAM): aws:SourceAccount on both trust policies, aws:SourceArn for SageMaker, region/account in every ARN."
+    "Issue 11 (IAM): aws:SourceAccount on the SageMaker trust policy (EC2 sends none), aws:SourceArn for SageMaker, region/account in every ARN."
     account = "210987654321"
     rc, out, _ = run(capsys, "aws", "policy", "sagemaker", "--bucket", "my-bucket", "--account", account,
                      "--region", "eu-west-1", "--config-dir", ROOT/"configs")
@@ -604,11 +603,11 @@ def test_trust_policies_carry_confused_deputy_conditions_and_arns_are_pinned(cap
     assert all(aws.policy_allows([doc["permissions"]], a, r) for a, r in needs)
     other = aws.sagemaker_job_needs("my-bucket", None, region="eu-west-1", account="111111111111")
     assert not aws.policy_allows([doc["permissions"]], *next((a, r) for a, r in other if r.startswith("arn:aws:logs")))
-    # EC2: account condition (EC2 sends no source ARN for an instance profile); PassRole of this account's role only
+    # EC2: no condition (EC2 sends neither source account nor ARN for an instance profile); PassRole of this account's role only
     rc, out, _ = run(capsys, "aws", "policy", "ec2", "--bucket", "my-bucket", "--account", account, "--config-dir", ROOT/"configs")
     doc = json.loads(out)
     assert rc == 0 and aws.check_policy(doc["permissions"], "my-bucket") == []
-    assert doc["trust"]["Statement"][0]["Condition"] == {"StringEquals": {"aws:SourceAccount": account}}
+    assert "Condition" not in doc["trust"]["Statement"][0]
     name = yaml.safe_load((ROOT/"configs"/"project.yaml").read_text())["name"]
     assert statements(doc["permissions"])["PassOnlyTheSageMakerRole"]["Resource"] == \
         f"arn:aws:iam::{account}:role/{name}-sagemaker-execution"
