@@ -101,6 +101,11 @@ def plan_jobs(stage: str, params: Optional[dict] = None, store: Optional[str] = 
     values = check_parameters(given, spec, notebook)
     sname = stage_name(notebook)
     kind = kind or ("training" if sname in TRAINING_STAGES else "processing")
+    if config.project.instance_count > 1 and sname not in TRAINING_STAGES:
+        raise ConfigError(f"project.instance_count is {config.project.instance_count}, but stage {sname!r} does not train: "
+                          f"only {', '.join(TRAINING_STAGES)} trains one model across instances (DDP under torchrun); "
+                          "any other stage would run whole on every instance and write the same keys. Run it with "
+                          "--set project.instance_count=1")
     if kind not in ("training", "processing"): raise ParameterError(f"job type must be training or processing, got {kind!r}")
     run_id = run_id or new_run_id()
     jobs = []
@@ -505,9 +510,13 @@ def _submit_training(spec, config, session, bundle, args, itype, spot, role, sto
                           f"({p.max_run_seconds}) for spot training")
     stopping = StoppingCondition(max_runtime_in_seconds=p.max_run_seconds,
                                  **({"max_wait_time_in_seconds": p.max_wait_seconds} if spot else {}))
+    source, distributed = SourceCode(source_dir=str(bundle), command="bash nlpmt_job.sh", args=args), None
+    if p.instance_count > 1:       # one model across instances: the SDK's Torchrun driver starts nlpmt.train's processes
+        from nlpmt.train import torchrun_source
+        source, distributed = torchrun_source(bundle, args, int(spec.params.get("nproc") or 0))
     trainer = ModelTrainer(
         sagemaker_session=session, role=role, base_job_name=spec.job_name, training_image=image_uri(config, itype),
-        source_code=SourceCode(source_dir=str(bundle), command="bash nlpmt_job.sh", args=args),
+        source_code=source, distributed=distributed,
         compute=Compute(instance_type=itype, instance_count=p.instance_count, enable_managed_spot_training=bool(spot)),
         stopping_condition=stopping,
         output_data_config=OutputDataConfig(s3_output_path=store.url(JOB_OUTPUT_PREFIX)),
@@ -840,6 +849,8 @@ def _add_backend_options(p) -> None:
                    help="a notebook parameter (repeatable), converted to the type of its default")
     p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
     p.add_argument("--backend", choices=["local", "sagemaker"], default="local", help="where the jobs run (default: local)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="training processes per machine for the transformer stage (DDP under torchrun; = -p nproc N)")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="one job per model (transformer stage)")
     p.add_argument("--run-id", default=None, help="group the jobs under this run id (default: time + random)")
     p.add_argument("--instance-type", default=None, help="SageMaker instance type (default: from project.yaml)")
@@ -857,6 +868,7 @@ def cmd_run(args) -> int:
     "Run one stage (one job per model) on the chosen backend."
     from nlpmt.cli import config_from_args
     config = config_from_args(args)
+    if args.nproc: args.param.append(["nproc", str(args.nproc)])
     specs = plan_jobs(args.stage, dict(args.param), args.store, config, models=args.models, run_id=args.run_id,
                       kind=args.job_type, overrides=args.overrides, config_dir=args.config_dir)
     if args.backend == "local":
@@ -880,6 +892,7 @@ def cmd_pipeline(args) -> int:
     "Run the whole pipeline, each stage as a job, and print the results."
     from nlpmt.cli import config_from_args
     config = config_from_args(args)
+    if args.nproc: args.param.append(["nproc", str(args.nproc)])
     kw = {} if args.backend == "local" else {**_sagemaker_kw(args), "poll": args.poll, "logs": args.logs}
     try:
         results = run_pipeline(args.store, args.backend, config, dict(args.param), args.models, args.run_id,

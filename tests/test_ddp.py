@@ -55,3 +55,54 @@ def test_only_process_zero_writes(runs):
     assert len(steps) == len(set(steps))                         # one folder per saved step
     for f in folders:                                            # each process left its RNG state in the one folder
         assert {p.name for p in f.glob("rng_state*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+
+# ---------------------------------------------------------------- SageMaker: several instances
+
+ROLE = "arn:aws:iam::123456789012:role/nlpmt-sagemaker"
+
+
+@pytest.fixture
+def store_uri(s3_bucket):
+    "An S3 store on moto holding processed data (what the transformer's channels read)."
+    from nlpmt.storage import S3Store
+    uri = f"s3://{s3_bucket}/proj"
+    store = S3Store(uri)
+    seed_store(store, n=60)
+    return uri
+
+
+@pytest.mark.aws
+def test_training_on_two_instances_is_one_torchrun_job(store_uri, aws_env):
+    import boto3
+    from nlpmt.jobs import plan_jobs, submit_sagemaker
+    from nlpmt.storage import S3Store
+    session = boto3.session.Session(region_name="us-east-1")
+    requests = []
+    session.events.register("before-call.sagemaker.CreateTrainingJob",
+                            lambda params, model, **kw: requests.append(json.loads(params["body"])))
+    config = load_config(ROOT/"configs", overrides=["project.instance_count=2", "project.use_spot=false"])
+    spec, = plan_jobs("transformer", {"max_train_rows": "40", "nproc": "4"}, store=store_uri, config=config)
+    submit_sagemaker(spec, config, role=ROLE, boto_session=session)
+    req, = requests
+    assert req["ResourceConfig"]["InstanceCount"] == 2
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in req["InputDataConfig"]}
+    drivers = S3Store(channels["sm_drivers"])
+    # the SDK's Torchrun driver with our process count, starting the entry that makes rank 0 the runner
+    assert json.loads(drivers.read_bytes("distributed.json"))["process_count_per_node"] == 4
+    train_sh = drivers.read_bytes("sm_train.sh").decode()
+    assert "distributed_drivers/torchrun_driver.py" in train_sh
+    code = S3Store(channels["code"])
+    assert {"nlpmt_torchrun.py", "nlpmt_job_args.json", "nlpmt/train.py", "requirements.txt"} <= set(code.list())
+    args = json.loads(code.read_bytes("nlpmt_job_args.json"))
+    assert args[:4] == ["--stage", "transformer", "--store", store_uri] and spec.run_id in args
+    assert "nlpmt.runner" in code.read_bytes("nlpmt_torchrun.py").decode()
+
+
+def test_several_instances_for_a_stage_that_does_not_train_is_refused_at_planning(tmp_path):
+    from nlpmt.core import ConfigError
+    from nlpmt.jobs import plan_jobs
+    config = load_config(ROOT/"configs", overrides=["project.instance_count=2"])
+    with pytest.raises(ConfigError, match=r"instance_count is 2, but stage 'baseline' does not train"):
+        plan_jobs("baseline", {}, store=str(tmp_path), config=config)
+    assert plan_jobs("transformer", {}, store=str(tmp_path), config=config)[0].kind == "training"
