@@ -3,8 +3,9 @@
 
 Measures, in one run, for MiniLM (all-minilm-l6-v2, 22.7M parameters) and a bert-base-sized encoder (110M):
 
-- **tuned**: the stock `Trainer` as documented plus its own mixed precision (bf16 where supported, else fp16),
-  dynamic padding, learning rate 5e-5 (the `tuned` arm of bench/bench_transformer.py, the README's peer);
+- **tuned**: the stock `Trainer` as documented (dynamic padding, learning rate 5e-5) plus its own speed options:
+  mixed precision (bf16 where supported, else fp16) and `group_by_length` (the `tuned` arm of
+  bench/bench_transformer.py, the README's peer);
 - **stage**: `train_transformer` with the stage's defaults on CUDA (fused AdamW, no per-step host syncs,
   lengths padded to a multiple of 8), then with each lever of `SpeedLevers` switched on or off *alone*:
   `no-levers` (fused AdamW off, per-step NaN/inf check on: the stage as it was), `compile` (torch.compile
