@@ -74,12 +74,13 @@ def torchrun_command(nproc: int, job_file, result_file) -> list[str]:
             "--module", "nlpmt.train", "--job", str(job_file), "--result", str(result_file)]
 
 # %% ../nbs/04b_train.ipynb #t016
-def _package_path_env(env: dict) -> dict:
-    "`env` with this nlpmt's folder first on PYTHONPATH (the processes import the same code) and gloo on loopback."
+def _package_path_env(env: dict, threads: int) -> dict:
+    "`env` with this nlpmt's folder first on PYTHONPATH (the processes import the same code), gloo on loopback, `threads` per process."
     root = str(Path(__file__).resolve().parents[1])
     env = dict(env)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.setdefault("OMP_NUM_THREADS", str(threads))       # torchrun would set 1 (and say so); train_job sets torch's own
     return env
 
 def launch_torchrun(job: dict, nproc: int) -> TransformerRun:
@@ -87,7 +88,7 @@ def launch_torchrun(job: dict, nproc: int) -> TransformerRun:
     with tempfile.TemporaryDirectory(prefix="nlpmt-train-") as tmp:
         job_file, result_file = Path(tmp)/"job.json", Path(tmp)/"result.json"
         job_file.write_text(json.dumps(job))
-        proc = subprocess.Popen(torchrun_command(nproc, job_file, result_file), env=_package_path_env(os.environ),
+        proc = subprocess.Popen(torchrun_command(nproc, job_file, result_file), env=_package_path_env(os.environ, job["num_threads"] or max(1, usable_cpus() // nproc)),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         stopped, tail = [], deque(maxlen=30)
         def forward(signum, frame=None):

@@ -561,6 +561,7 @@ def training_arguments(params: TrainParams, output_dir: Path, n_rows: int, preci
         logging_strategy="steps", logging_steps=max(1, min(50, math.ceil(per_epoch / 20))),
         seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=not progress, save_only_model=False,
         ddp_backend="gloo" if device == "cpu" and world_size > 1 else None,
+        ddp_find_unused_parameters=False if world_size > 1 else None,   # classifiers use every parameter: no graph walk per step
         optim="adamw_torch_fused" if lv.fused_adamw else "adamw_torch", logging_nan_inf_filter=lv.step_syncs,
         dataloader_num_workers=lv.loader_workers, dataloader_pin_memory=device == "cuda",
         torch_compile=bool(lv.compile_mode), torch_compile_mode=lv.compile_mode or None)
