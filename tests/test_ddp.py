@@ -106,3 +106,12 @@ def test_several_instances_for_a_stage_that_does_not_train_is_refused_at_plannin
     with pytest.raises(ConfigError, match=r"instance_count is 2, but stage 'baseline' does not train"):
         plan_jobs("baseline", {}, store=str(tmp_path), config=config)
     assert plan_jobs("transformer", {}, store=str(tmp_path), config=config)[0].kind == "training"
+
+
+def test_nproc_reaches_the_transformer_notebook_and_no_other(tmp_path, capsys):
+    from nlpmt.cli import main
+    from nlpmt.jobs import plan_jobs
+    rc = main(["run", "baseline", "--nproc", "2", "--store", str(tmp_path), "--config-dir", str(ROOT/"configs")])
+    assert rc != 0 and "unknown parameter 'nproc'" in capsys.readouterr().err
+    spec, = plan_jobs("transformer", {"nproc": "2"}, store=str(tmp_path), config=load_config(ROOT/"configs"))
+    assert spec.params["nproc"] == 2
