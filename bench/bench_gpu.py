@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         if args.smoke:
             store, tiny = smoke_store(work)
             models = [(tiny, "base", True)]       # (model, size, pretrained): "base" runs the MFU code path too
-            args.rows, args.base_arms = 600, "tuned,stage,no-levers,compile,workers,eval512"
+            args.rows, args.base_arms = 300, "tuned,stage,no-levers,compile,workers,eval512"
             repeated_train_store(store, args.rows, seed=config.data.seed)
         else:
             from bench_transformer import build_store
@@ -211,10 +211,12 @@ def main(argv=None) -> int:
                                 else run_lever_arm(store, config, model, arm, args, work))
             mfu = {}
             if size == "base":
-                from transformers import AutoConfig
+                from transformers import AutoConfig, AutoModelForSequenceClassification
+                from nlpmt.transformer import quiet_transformers
                 mc = AutoConfig.from_pretrained(model)
-                n_params = sum(p.numel() for p in __import__("transformers").AutoModelForSequenceClassification
-                               .from_pretrained(model, num_labels=4).parameters())
+                with quiet_transformers():
+                    n_params = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(
+                        model, num_labels=4).parameters())
                 per_example = training_flops_per_example(n_params, mc.num_hidden_layers, mc.hidden_size,
                                                          mean_tokens(store, model, args.max_length))
                 peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in out["device"]), 0)
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
                 line = (f"| {arm} | {r['precision']} | {r['examples_per_second']:.1f} | {ratio:.2f}x | "
                         f"{r['train_seconds']:.1f} | {val} | {r['test_macro_f1']:.4f} |")
                 if size == "base":
-                    line += f" {r['tflops']:.1f} | " + (f"{100 * r['mfu']:.1f}% |" if r["mfu"] is not None else "n/a |")
+                    line += f" {r['tflops']:.3g} | " + (f"{100 * r['mfu']:.1f}% |" if r["mfu"] is not None else "n/a |")
                 print(line)
             out["models"][model] = {"size": size, "pretrained": pretrained, "results": results}
     if args.json: Path(args.json).write_text(json.dumps(out, indent=2, default=str))

@@ -509,6 +509,11 @@ class StageTrainer(Trainer):
                             drop_last=self.args.dataloader_drop_last)
         return self.accelerator.prepare(loader)
 
+    def training_step(self, model, inputs, *args, **kwargs):
+        "The Trainer's step; counts the batch here when collation runs in worker processes (their counts stay there)."
+        if self.args.dataloader_num_workers > 0: self.meter.examples += len(inputs["labels"])
+        return super().training_step(model, inputs, *args, **kwargs)
+
 def compute_metrics(eval_pred) -> dict[str, float]:
     "Accuracy and macro-F1 of an evaluation (the Trainer's `compute_metrics` hook)."
     from sklearn.metrics import accuracy_score, f1_score
