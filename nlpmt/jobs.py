@@ -103,6 +103,11 @@ def plan_jobs(stage: str, params: Optional[dict] = None, store: Optional[str] = 
     values = check_parameters(given, spec, notebook)
     sname = stage_name(notebook)
     kind = kind or ("training" if sname in TRAINING_STAGES else "processing")
+    if config.project.instance_count > 1 and sname not in TRAINING_STAGES:
+        raise ConfigError(f"project.instance_count is {config.project.instance_count}, but stage {sname!r} does not train: "
+                          f"only {', '.join(TRAINING_STAGES)} trains one model across instances (DDP under torchrun); "
+                          "any other stage would run whole on every instance and write the same keys. Run it with "
+                          "--set project.instance_count=1")
     if kind not in ("training", "processing"): raise ParameterError(f"job type must be training or processing, got {kind!r}")
     run_id = run_id or new_run_id()
     jobs = []
@@ -523,9 +528,13 @@ def _submit_training(spec, config, session, bundle, args, itype, spot, role, sto
                           f"({p.max_run_seconds}) for spot training")
     stopping = StoppingCondition(max_runtime_in_seconds=p.max_run_seconds,
                                  **({"max_wait_time_in_seconds": p.max_wait_seconds} if spot else {}))
+    source, distributed = SourceCode(source_dir=str(bundle), command=JOB_COMMAND, args=args), None
+    if p.instance_count > 1:       # one model across instances: the SDK's Torchrun driver starts nlpmt.train's processes
+        from nlpmt.train import torchrun_source
+        source, distributed = torchrun_source(bundle, args, int(spec.params.get("nproc") or 0))
     trainer = ModelTrainer(
         sagemaker_session=session, role=role, base_job_name=spec.job_name, training_image=image_uri(config, itype),
-        source_code=SourceCode(source_dir=str(bundle), command=JOB_COMMAND, args=args),
+        source_code=source, distributed=distributed,
         compute=Compute(instance_type=itype, instance_count=p.instance_count, enable_managed_spot_training=bool(spot)),
         stopping_condition=stopping,
         output_data_config=OutputDataConfig(s3_output_path=store.url(JOB_OUTPUT_PREFIX)),
@@ -862,6 +871,8 @@ def _add_backend_options(p) -> None:
     p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
     p.add_argument("--backend", choices=["local", "sagemaker", "container"], default="local",
                    help="where the jobs run (default: local); container: the SageMaker request executed on this machine")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="training processes per machine for the transformer stage (DDP under torchrun; = -p nproc N)")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="one job per model (transformer stage)")
     p.add_argument("--dataset", dest="overrides", action="append", default=[], type=_dataset_override, metavar="NAME|FILE",
                    help="dataset profile: a name in configs/datasets/ or a profile file (sets data.dataset)")
@@ -888,6 +899,7 @@ def cmd_run(args) -> int:
     "Run one stage (one job per model) on the chosen backend."
     from nlpmt.cli import config_from_args
     config = config_from_args(args)
+    if args.nproc: args.param.append(["nproc", str(args.nproc)])
     specs = plan_jobs(args.stage, dict(args.param), args.store, config, models=args.models, run_id=args.run_id,
                       kind=args.job_type, overrides=args.overrides, config_dir=args.config_dir)
     if getattr(args, "detach", False):
@@ -922,6 +934,7 @@ def cmd_pipeline(args) -> int:
     "Run the whole pipeline, each stage as a job, and print the results."
     from nlpmt.cli import config_from_args
     config = config_from_args(args)
+    if args.nproc: args.param.append(["nproc", str(args.nproc)])
     kw = {} if args.backend == "local" else {**_sagemaker_kw(args), "poll": args.poll, "logs": args.logs}
     if args.backend == "container":
         from nlpmt.container import container_kw

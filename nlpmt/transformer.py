@@ -34,10 +34,11 @@ __all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CUDA_AUTOCAST_M
            'device_env', 'load_splits', 'subsample_train', 'EncodedTexts', 'EpochLengthSampler', 'TrainingInterrupted',
            'run_id', 'CheckpointPlace', 'checkpoint_place', 'checkpoint_folders', 'is_complete_checkpoint',
            'prepare_resume', 'TrainingMeter', 'ThroughputCallback', 'SpotCheckpointCallback', 'stop_on_signals',
-           'PatienceCallback', 'StageTrainer', 'compute_metrics', 'EpochProgressCallback', 'MetricLineCallback',
-           'steps_per_epoch', 'total_steps', 'training_arguments', 'train_log', 'epoch_history', 'plot_training_curves',
-           'final_model_prefix', 'save_final_model', 'TransformerPredictor', 'load_predictor',
-           'write_transformer_summary', 'TransformerRun', 'train_transformer', 'make_tiny_bert', 'separable_texts']
+           'PatienceCallback', 'distributed_state', 'cpu_group', 'broadcast_from_rank0', 'SpeedLevers', 'StageTrainer',
+           'compute_metrics', 'EpochProgressCallback', 'MetricLineCallback', 'steps_per_epoch', 'total_steps',
+           'training_arguments', 'train_log', 'epoch_history', 'plot_training_curves', 'final_model_prefix',
+           'save_final_model', 'TransformerPredictor', 'load_predictor', 'write_transformer_summary', 'TransformerRun',
+           'train_transformer', 'make_tiny_bert', 'separable_texts']
 
 # %% ../nbs/04_transformer.ipynb #c008
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -359,10 +360,23 @@ class ThroughputCallback(TrainerCallback):
 class SpotCheckpointCallback(TrainerCallback):
     "Checkpoints every `save_steps` steps and at epoch ends, marks complete ones, mirrors them, stops cleanly on SIGTERM."
     def __init__(self, run: str, save_steps: int, steps_per_epoch: int, meter: TrainingMeter,
-                 mirror: Optional[Callable[[], None]] = None):
+                 mirror: Optional[Callable[[], None]] = None, world_size: int = 1, group=None):
         self.run, self.save_steps, self.steps_per_epoch, self.meter, self.mirror = run, save_steps, steps_per_epoch, meter, mirror
+        self.world_size, self.group = world_size, group   # DDP: processes agree on stopping over `group` (CPU)
         self.stop_signal: Optional[str] = None
+        self.stopping = False                             # the stop every process agreed on (at a step end)
         self._stopped_mid_epoch_at: Optional[int] = None
+
+    def _agree(self, stop: bool) -> bool:
+        "True on every process if any of them got a signal (one small all-reduce per step under DDP)."
+        if self.world_size > 1:
+            import torch.distributed as dist
+            flag = torch.tensor([int(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            stop = bool(flag.item())
+            if stop and not self.stop_signal: self.stop_signal = "SIGTERM"
+        self.stopping = self.stopping or stop
+        return stop
 
     def request_stop(self, signum, frame=None) -> None:
         "Signal handler: checkpoint after the current optimizer step, then stop."
@@ -374,10 +388,10 @@ class SpotCheckpointCallback(TrainerCallback):
     def _folder(self, args, state) -> Path: return Path(args.output_dir)/f"checkpoint-{state.global_step}"
     def _unmark(self, args, state) -> None:
         "A folder about to be (re)written is not complete until its new marker is written."
-        (self._folder(args, state)/CHECKPOINT_MARKER).unlink(missing_ok=True)
+        if state.is_world_process_zero: (self._folder(args, state)/CHECKPOINT_MARKER).unlink(missing_ok=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop_signal:
+        if self._agree(bool(self.stop_signal)):
             control.should_training_stop = True
             if not self._epoch_end(state):   # at an epoch end, the epoch's evaluation and checkpoint come first
                 control.should_log = control.should_save = True
@@ -391,10 +405,14 @@ class SpotCheckpointCallback(TrainerCallback):
             control.should_evaluate = control.should_save = control.should_log = False
             return
         control.should_log = True
-        if self.stop_signal: control.should_training_stop = True
+        if self.stopping: control.should_training_stop = True
         if control.should_save: self._unmark(args, state)
 
     def on_save(self, args, state, control, **kwargs):
+        if self.world_size > 1:                  # every process has written its part (its RNG state) first
+            import torch.distributed as dist
+            dist.barrier(group=self.group)
+        if not state.is_world_process_zero: return
         marker = {"run": self.run, "step": state.global_step, "epoch": state.epoch, "saved": utc_now(),
                   "train_examples": self.meter.examples, "train_seconds": self.meter.seconds,
                   "fit_seconds": self.meter.wall_seconds}
@@ -420,6 +438,57 @@ class PatienceCallback(TrainerCallback):
         scores = [e["eval_macro_f1"] for e in state.log_history if "eval_macro_f1" in e]
         if scores and len(scores) - 1 - int(np.argmax(scores)) >= self.patience: control.should_training_stop = True
 
+# %% ../nbs/04_transformer.ipynb #p002
+def distributed_state() -> tuple[int, int]:
+    "(rank, world size) of this process: joins the process group that torchrun described (env://) on first use."
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1: return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+# %% ../nbs/04_transformer.ipynb #p003
+_CPU_GROUPS: dict = {}
+
+def cpu_group():
+    "A gloo group for small CPU-side agreements (None: the default group, when it is gloo already)."
+    import torch.distributed as dist
+    if dist.get_backend() == "gloo": return None
+    if "gloo" not in _CPU_GROUPS: _CPU_GROUPS["gloo"] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS["gloo"]
+
+def broadcast_from_rank0(obj, group=None):
+    "`obj` as process 0 has it, on every process (`obj` itself outside DDP)."
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+# %% ../nbs/04_transformer.ipynb #p006
+@dataclass
+class SpeedLevers:
+    "Throughput levers of the stage; `None` means unset: the device's default (on with CUDA where safe, CPU unchanged)."
+    fused_adamw: Optional[bool] = None   # torch's fused AdamW kernel (CUDA); default: on with CUDA
+    step_syncs: Optional[bool] = None    # the Trainer's per-step NaN/inf loss check (a host sync each step); default: off with CUDA
+    bucket: Optional[int] = None         # pad batch lengths to a multiple of this many tokens; default: 8 with CUDA, none on CPU
+    compile_mode: str = ""               # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs); "" = not compiled
+    loader_workers: int = 0              # DataLoader worker processes for collation (pinned memory with CUDA)
+    attention: str = ""                  # attention kernel: sdpa | eager | flash_attention_2; "" = the model's default
+
+    def resolved(self, device: str) -> "SpeedLevers":
+        "The levers with every unset one replaced by the default for `device`."
+        cuda = device == "cuda"
+        return SpeedLevers(cuda if self.fused_adamw is None else self.fused_adamw,
+                           (not cuda) if self.step_syncs is None else self.step_syncs,
+                           (8 if cuda else 0) if self.bucket is None else self.bucket,
+                           self.compile_mode, self.loader_workers, self.attention)
+
+
 # %% ../nbs/04_transformer.ipynb #c033
 class StageTrainer(Trainer):
     "A `Trainer` whose training batches come from `EpochLengthSampler` and whose collator counts trained examples."
@@ -430,7 +499,8 @@ class StageTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         "Training batches in the (seed, epoch) order of `EpochLengthSampler`, padded per batch."
         ds, batch_size = self.train_dataset, self._train_batch_size
-        sampler = EpochLengthSampler(ds.lengths, batch_size, self.args.seed, self.group_by_length)
+        # grouped by the global batch: under DDP each process takes its slice of the same global batches
+        sampler = EpochLengthSampler(ds.lengths, batch_size * self.args.world_size, self.args.seed, self.group_by_length)
         def collate(features):
             self.meter.examples += len(features)
             return self.data_collator(features)
@@ -438,6 +508,11 @@ class StageTrainer(Trainer):
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
                             drop_last=self.args.dataloader_drop_last)
         return self.accelerator.prepare(loader)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        "The Trainer's step; counts the batch here when collation runs in worker processes (their counts stay there)."
+        if self.args.dataloader_num_workers > 0: self.meter.examples += len(inputs["labels"])
+        return super().training_step(model, inputs, *args, **kwargs)
 
 def compute_metrics(eval_pred) -> dict[str, float]:
     "Accuracy and macro-F1 of an evaluation (the Trainer's `compute_metrics` hook)."
@@ -465,31 +540,36 @@ class MetricLineCallback(TrainerCallback):
         log_metrics(epoch=h["epoch"], train_loss=h["train_loss"], val_loss=h["val_loss"],
                     val_accuracy=h["val_accuracy"], val_macro_f1=h["val_macro_f1"])
 
-def steps_per_epoch(n_rows: int, params: TrainParams) -> int:
-    "Optimizer steps in one epoch (the Trainer's count: batches, then accumulation groups)."
-    batches = math.ceil(n_rows / params.batch_size)
+def steps_per_epoch(n_rows: int, params: TrainParams, world_size: int = 1) -> int:
+    "Optimizer steps in one epoch (the Trainer's count: batches, shared out to `world_size` processes, then accumulation groups)."
+    batches = math.ceil(math.ceil(n_rows / (params.batch_size // world_size)) / world_size)
     return max(1, math.ceil(batches / params.gradient_accumulation_steps))
 
-def total_steps(n_rows: int, params: TrainParams) -> int:
+def total_steps(n_rows: int, params: TrainParams, world_size: int = 1) -> int:
     "Optimizer steps of the whole run."
-    return params.max_steps if params.max_steps > 0 else math.ceil(params.epochs * steps_per_epoch(n_rows, params))
+    return params.max_steps if params.max_steps > 0 else math.ceil(params.epochs * steps_per_epoch(n_rows, params, world_size))
 
 def training_arguments(params: TrainParams, output_dir: Path, n_rows: int, precision: str, device: str,
-                       progress: bool = True) -> TrainingArguments:
+                       progress: bool = True, world_size: int = 1, levers: Optional[SpeedLevers] = None) -> TrainingArguments:
     "The `TrainingArguments` of a run: schedule, precision, per-epoch evaluation and saving, best model by macro-F1."
-    per_epoch = steps_per_epoch(n_rows, params)
+    per_epoch = steps_per_epoch(n_rows, params, world_size)
+    lv = (levers or SpeedLevers()).resolved(device)
     return TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=params.batch_size,
+        output_dir=str(output_dir), per_device_train_batch_size=params.batch_size // world_size,
         per_device_eval_batch_size=params.eval_batch_size, gradient_accumulation_steps=params.gradient_accumulation_steps,
         num_train_epochs=params.epochs, max_steps=params.max_steps if params.max_steps > 0 else -1,
         learning_rate=params.learning_rate, weight_decay=params.weight_decay, lr_scheduler_type="linear",
-        warmup_steps=int(round(params.warmup_ratio * total_steps(n_rows, params))),
+        warmup_steps=int(round(params.warmup_ratio * total_steps(n_rows, params, world_size))),
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=max(2, params.save_total_limit),
         load_best_model_at_end=True, metric_for_best_model="macro_f1", greater_is_better=True,
         logging_strategy="steps", logging_steps=max(1, min(50, math.ceil(per_epoch / 20))),
-        seed=params.seed, data_seed=params.seed, dataloader_num_workers=0, report_to="none",
-        disable_tqdm=not progress, save_only_model=False)
+        seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=not progress, save_only_model=False,
+        ddp_backend="gloo" if device == "cpu" and world_size > 1 else None,
+        ddp_find_unused_parameters=False if world_size > 1 else None,   # classifiers use every parameter: no graph walk per step
+        optim="adamw_torch_fused" if lv.fused_adamw else "adamw_torch", logging_nan_inf_filter=lv.step_syncs,
+        dataloader_num_workers=lv.loader_workers, dataloader_pin_memory=device == "cuda",
+        torch_compile=bool(lv.compile_mode), torch_compile_mode=lv.compile_mode or None)
 
 # %% ../nbs/04_transformer.ipynb #c035
 def train_log(log_history: list[dict]) -> list[dict]:
@@ -628,10 +708,15 @@ def _predict(trainer: Trainer, ds: EncodedTexts) -> np.ndarray:
 
 def train_transformer(store, params: Optional[TrainParams] = None, config: Optional[Config] = None, *,
                       checkpoint_dir: str = "", run_name: str = "", num_threads: int = 0,
-                      progress: bool = True) -> TransformerRun:
+                      progress: bool = True, levers: Optional[SpeedLevers] = None) -> TransformerRun:
     "Fine-tune `params.model_name` on the store's splits (resuming the run's checkpoints) and write every output."
     store, config = open_store(store), config or load_config()
     params = params or train_params(config)
+    rank, world = distributed_state()             # (0, 1) unless started by torchrun (`nlpmt.train`)
+    if params.batch_size % world:
+        raise ConfigError(f"transformer.batch_size: {params.batch_size} is the global batch and must be a multiple of "
+                          f"the {world} training processes")
+    group = cpu_group() if world > 1 else None
     threads = set_torch_threads(num_threads)
     report = read_data_report(store)
     labels, splits = list(report["labels"]), load_splits(store, report)
@@ -639,40 +724,46 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     label_id = {name: i for i, name in enumerate(labels)}
     short, run = model_short_name(params.model_name), run_name or run_id(params, report["data_hash"])
     place = checkpoint_place(store, run, checkpoint_dir)
-    resume = prepare_resume(place)
+    resume = broadcast_from_rank0(prepare_resume(place) if rank == 0 else None, group)   # process 0 tidies, all agree
     place.folder.mkdir(parents=True, exist_ok=True)
 
     set_seed(params.seed)
     tokenizer, model, source = load_model_and_tokenizer(params.model_name, labels)
+    device = training_device()
+    lv = (levers or SpeedLevers()).resolved(device)
+    if lv.attention: model.set_attn_implementation(lv.attention)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and params.max_length > limit:
         raise ConfigError(f"transformer.max_length: {params.max_length} is more than {params.model_name!r} accepts ({limit})")
     data = {"train": EncodedTexts(tokenizer, train_df["text"], train_df["label"].map(label_id), params.max_length),
             **{s: EncodedTexts(tokenizer, splits[s]["text"], splits[s]["label"].map(label_id), params.max_length,
                                sort_by_length=True) for s in ("val", "test")}}
-    device = training_device()
     precision = choose_precision(params.precision, device, sum(p.numel() for p in model.parameters()))
     meter = TrainingMeter.from_checkpoint(resume)
     wall_before = meter.wall_seconds
-    spot = SpotCheckpointCallback(run, params.save_steps, steps_per_epoch(len(train_df), params), meter, place.mirror)
+    spot = SpotCheckpointCallback(run, params.save_steps, steps_per_epoch(len(train_df), params, world), meter,
+                                  place.mirror if rank == 0 else None, world, group)
     callbacks = [spot, ThroughputCallback(meter), MetricLineCallback()]
     if params.early_stopping_patience: callbacks.append(PatienceCallback(params.early_stopping_patience))
     trainer = StageTrainer(
-        model=model, args=training_arguments(params, place.folder, len(train_df), precision, device, progress),
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None),
+        model=model, args=training_arguments(params, place.folder, len(train_df), precision, device, progress and rank == 0,
+                                             world, lv),
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=lv.bucket or None),
         train_dataset=data["train"], eval_dataset=data["val"], processing_class=tokenizer,
         compute_metrics=compute_metrics, callbacks=callbacks, meter=meter, group_by_length=params.group_by_length)
     for cb in (ProgressCallback, PrinterCallback): trainer.remove_callback(cb)
-    if progress: trainer.add_callback(EpochProgressCallback)
+    if progress and rank == 0: trainer.add_callback(EpochProgressCallback)
     gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else f" ({threads} thread{'s' * (threads > 1)})"
-    print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params):,} steps on {device}{gpu}, "
-          f"{precision}; run {run}, checkpoints in {place.folder}" +
-          (f"; resuming from {resume.name}" if resume else ""), flush=True)
+    procs = f" x {world} processes (DDP)" if world > 1 else ""
+    if rank == 0:
+        print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params, world):,} steps on {device}{gpu}"
+              f"{procs}, {precision}; run {run}, checkpoints in {place.folder}" +
+              (f"; resuming from {resume.name}" if resume else ""), flush=True)
 
     t0 = time.perf_counter()
     with stop_on_signals(spot), quiet_transformers():
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if spot.stop_signal:
+    if (spot.stopping if world > 1 else spot.stop_signal):
         raise TrainingInterrupted(f"training of {short} stopped by {spot.stop_signal} at step {trainer.state.global_step}; "
                                   f"checkpoint written to {place.folder}" +
                                   (f" (mirrored to {store.url(place.mirror_prefix)})" if place.mirror_store else "") +
@@ -682,13 +773,16 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     t1 = time.perf_counter()
     test_pred = _predict(trainer, data["test"])                       # the only look at the test split
     predict_seconds = time.perf_counter() - t1
+    if rank != 0:          # every process trained and predicted (collectives); process 0 alone writes
+        return TransformerRun({}, run, str(place.folder), str(resume) if resume else None, {}, pd.DataFrame())
+    examples = meter.examples * world                                  # equal shares (the Trainer evens the batches out)
 
     history = epoch_history(trainer.state.log_history)
-    extra = {"train_examples_per_second": meter.per_second(), "train_seconds": meter.seconds,
-             "train_examples": meter.examples, "train_log": train_log(trainer.state.log_history), "run": run,
+    extra = {"train_examples_per_second": examples / meter.seconds if meter.seconds > 0 else None,
+             "train_seconds": meter.seconds, "train_examples": examples, "world_size": world, "levers": asdict(lv), "train_log": train_log(trainer.state.log_history), "run": run,
              "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
              "steps": trainer.state.global_step, "best_step": getattr(trainer.state, "best_global_step", None),
-             "precision": precision, "device": device + gpu, "model_source": source}
+             "precision": precision, "device": device + gpu + procs, "model_source": source}
     rec = metrics_record(params.model_name, "transformer", labels,
                          splits["val"]["label"].tolist(), [labels[i] for i in val_pred],
                          splits["test"]["label"].tolist(), [labels[i] for i in test_pred],
