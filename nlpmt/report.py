@@ -165,15 +165,17 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
 
 # %% ../nbs/05_report.ipynb #c020
 def mcnemar_test(y_true, pred_a, pred_b) -> dict:
-    "McNemar's test on which examples models a and b get right: counts b, c, exact and chi-squared p-values."
+    "McNemar's test on which examples models a and b get right: counts b, c, exact and chi-squared p-values (scipy)."
+    from scipy.stats import binomtest, chi2 as chi2_dist
     y_true = np.asarray(y_true); ra, rb = np.asarray(pred_a) == y_true, np.asarray(pred_b) == y_true
     b, c = int(np.sum(ra & ~rb)), int(np.sum(~ra & rb))
     n = b + c
-    p_exact = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
-    chi2 = (abs(b - c) - 1) ** 2 / n if n else 0.0
-    p_chi2 = math.erfc(math.sqrt(chi2 / 2)) if n else 1.0   # chi-squared survival function, 1 degree of freedom
+    p_exact = float(binomtest(min(b, c), n, 0.5).pvalue) if n else 1.0   # two-sided binomial test of the discordant pairs
+    chi2 = (abs(b - c) - 1) ** 2 / n if n else 0.0                       # with continuity correction
+    p_chi2 = float(chi2_dist.sf(chi2, 1)) if n else 1.0
     return {"a_only_right": b, "b_only_right": c, "p_exact": p_exact, "chi2": chi2, "p_chi2": p_chi2}
 
+# %% ../nbs/05_report.ipynb #c022a
 def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, observed: float, level: float = 0.95) -> dict:
     "Difference a - b on shared bootstrap resamples: observed value, percentile interval, two-sided p-value."
     d = np.asarray(scores_a) - np.asarray(scores_b)
@@ -182,6 +184,7 @@ def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, observed: float
     p = min(1.0, 2 * min((np.sum(d <= 0) + 1) / (n + 1), (np.sum(d >= 0) + 1) / (n + 1)))
     return {"diff": float(observed), "lo": lo, "hi": hi, "p": float(p)}
 
+# %% ../nbs/05_report.ipynb #c022d
 def holm_adjust(pvalues: Sequence[float]) -> list[float]:
     "Holm-Bonferroni adjusted p-values (same order as given)."
     p = np.asarray(pvalues, dtype=float)
