@@ -292,6 +292,7 @@ def model_names(models, config: Config) -> list[str]:
     if unknown: raise ConfigError(f"models_baseline.yaml: no model {unknown[0]!r} (models: {', '.join(known)})")
     return names
 
+# %% ../nbs/03_baseline.ipynb #c021c
 def save_model(store: Store, name: str, pipeline, labels: Sequence[str], meta: dict) -> str:
     "Save a fitted pipeline under `models/final/{model}/` in the store (marker file last); returns the prefix."
     prefix = f"models/final/{model_short_name(name)}"
@@ -301,6 +302,7 @@ def save_model(store: Store, name: str, pipeline, labels: Sequence[str], meta: d
         for f in ("pipeline.json", "arrays.npz", MODEL_MARKER): store.upload_file(Path(tmp)/f, f"{prefix}/{f}")
     return prefix
 
+# %% ../nbs/03_baseline.ipynb #c021e
 @dataclass
 class BaselineRun:
     "What one baseline run produced: metrics records, the summary table, figures and the keys written."
