@@ -50,7 +50,7 @@ def main():
             store = temp_store()
             report = prepare_data(data_cfg, store, progress=False)
             print(f"seed {seed}: {report['rows_read']} rows, {kept} of class {args.minority!r} "
-                  f"({kept / report['rows_read']:.1%}); class counts {report.get('class_counts', '')}")
+                  f"({kept / report['rows_read']:.1%})")
             for cw in ("none", "balanced"):
                 cfg = load_config(overrides=[f"data.raw_path={raw}", f"data.seed={seed}", f"baseline.class_weight={cw}"])
                 run = run_baseline(store, cfg, progress=False)
