@@ -9,6 +9,7 @@
 
     python bench/bench_baseline.py              # add --no-skops to skip the (slow) skops part
     python bench/bench_baseline.py --formats-only
+    python bench/bench_baseline.py --formats-only --demo-rows 800     # the 800-row demo sample (small vocabulary)
 """
 import argparse, os, sys, tempfile, time
 from pathlib import Path
@@ -26,7 +27,9 @@ def folder_bytes(path: Path) -> int:
 
 def main():
     ap = argparse.ArgumentParser(); ap.add_argument("--no-skops", action="store_true")
-    ap.add_argument("--formats-only", action="store_true", help="skip the solver comparison"); args = ap.parse_args()
+    ap.add_argument("--formats-only", action="store_true", help="skip the solver comparison")
+    ap.add_argument("--demo-rows", type=int, default=0, help="use the stratified AG News demo sample of this many rows")
+    args = ap.parse_args()
     import numpy as np
     from sklearn.metrics import f1_score
     from nlpmt.core import load_config
@@ -34,13 +37,17 @@ def main():
     from nlpmt.data import prepare_data
     from nlpmt.baseline import make_vectorizer, make_classifier, select_model, save_pipeline, load_pipeline
     config = load_config()          # the project configs (run from the repository)
-    store = temp_store(); report = prepare_data(config, store, progress=False)
+    store = temp_store()
+    if args.demo_rows:
+        from nlpmt.data import prepare_demo_data
+        report = prepare_demo_data(store, rows=args.demo_rows, seed=0)
+    else: report = prepare_data(config, store, progress=False)
     labels = report["labels"]; index = {l: i for i, l in enumerate(labels)}
     train, val = read_split(store, "train", report), read_split(store, "val", report)
     ytr, yva = train["label"].map(index).to_numpy(), val["label"].map(index).to_numpy()
     cfg = config.baseline.models["logreg"]
     vec = make_vectorizer(cfg.tfidf); xtr = vec.fit_transform(train["text"]); xva = vec.transform(val["text"])
-    print(f"AG News split: train {len(train)}, val {len(val)}; TF-IDF features {xtr.shape[1]}")
+    print(f"{'demo sample' if args.demo_rows else 'AG News split'}: train {len(train)}, val {len(val)}; TF-IDF features {xtr.shape[1]}")
     res = {}
     for solver in (() if args.formats_only else ("saga", "lbfgs")):
         clf = make_classifier("logreg", {**cfg.params, "C": 10.0, "solver": solver}, config.baseline.seed)
