@@ -1,7 +1,7 @@
-"""Classical baselines every other model has to beat: TF-IDF features with logistic regression or a linear
-SVM, hyper-parameters chosen on the validation split only, the test split read and predicted once. Writes
-metrics, a summary table, confusion matrices and reloadable models to the store. This notebook is also
-the baseline *job*.
+"""Classical baselines every other model has to beat: TF-IDF features with logistic regression, a linear
+SVM or complement naive Bayes (the classifier registry, `nlpmt.classifiers`), hyper-parameters chosen on the
+validation split only, the test split read and predicted once. Writes metrics, a summary table, confusion
+matrices and reloadable models to the store. This notebook is also the baseline *job*.
 
 Docs: https://nlpmt.github.io/nlpmt/baseline.html.md"""
 
@@ -18,40 +18,47 @@ import pandas as pd
 from tqdm.auto import tqdm
 from .core import (BaselineModelConfig, Config, ConfigError, load_config, model_short_name, provenance,
                         sha256_file, utc_now)
+from .classifiers import CLASSIFIERS, ClassifierSpec, classifier_spec, spec_of, weight_params, fit_weights
 from .storage import SPLITS, Store, StoreError, read_data_report, read_split, save_figure, temp_store
 from .metrics import (classification_metrics, label_indices, list_metrics, metrics_record, plot_confusion,
                            read_metrics, summary_row, write_metrics)
 
 # %% auto #0
-__all__ = ['CLASSIFIER_DEFAULTS', 'TFIDF_PREFIX', 'MODEL_FORMAT', 'MODEL_MARKER', 'classifier_class', 'make_classifier',
-           'make_vectorizer', 'grid_candidates', 'SealedSplitError', 'SplitReader', 'encode_labels', 'split_candidate',
-           'Selection', 'select_model', 'save_pipeline', 'load_pipeline', 'check_texts', 'BaselinePredictor',
-           'load_predictor', 'model_names', 'save_model', 'BaselineRun', 'run_baseline']
+__all__ = ['TFIDF_PREFIX', 'MODEL_FORMAT', 'MODEL_MARKER', 'LEGACY_ARRAYS', 'classifier_class', 'make_classifier',
+           'fit_classifier', 'make_vectorizer', 'grid_candidates', 'model_search', 'SealedSplitError', 'SplitReader',
+           'encode_labels', 'split_candidate', 'Selection', 'select_model', 'fitted_arrays', 'save_pipeline',
+           'load_pipeline', 'check_texts', 'BaselinePredictor', 'load_predictor', 'model_names', 'save_model',
+           'BaselineRun', 'run_baseline']
 
 # %% ../nbs/03_baseline.ipynb #c007
-CLASSIFIER_DEFAULTS = {"logreg": {"solver": "saga"}, "linear_svm": {}}
 TFIDF_PREFIX = "tfidf."   # grid keys with this prefix are TF-IDF parameters, the others classifier parameters
 
 def classifier_class(kind: str):
-    "The scikit-learn estimator class of a classifier kind (`logreg` or `linear_svm`)."
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.svm import LinearSVC
-    classes = {"logreg": LogisticRegression, "linear_svm": LinearSVC}
-    if kind not in classes: raise ConfigError(f"classifier {kind!r} is not one of {list(classes)}")
-    return classes[kind]
+    "The scikit-learn estimator class of a registered classifier kind (`nlpmt.classifiers.CLASSIFIERS`)."
+    try: return classifier_spec(kind).estimator_class()
+    except ValueError as e: raise ConfigError(str(e)) from None
 
-def make_classifier(kind: str, params: dict, seed: int, where: str = "models_baseline.yaml"):
-    "A seeded, unfitted classifier with `params` on top of the defaults; unknown parameters name `where`."
+def make_classifier(kind: str, params: dict, seed: int, where: str = "models_baseline.yaml",
+                    class_weight: str = "none"):
+    "A seeded, unfitted classifier: registry defaults, then `class_weight`, then `params`; unknown parameters name `where`."
     cls = classifier_class(kind)
+    spec = classifier_spec(kind)
     known = cls().get_params()
     unknown = sorted(set(params) - set(known))
     if unknown:
         from sklearn.feature_extraction.text import TfidfVectorizer
         hint = (f" (a TF-IDF parameter in `search` needs the prefix: {TFIDF_PREFIX}{unknown[0]})"
-                if unknown[0] in TfidfVectorizer().get_params() else "")
+                if unknown[0] in TfidfVectorizer().get_params() else
+                " (class weights are set for all baselines by baseline.class_weight)" if unknown[0] == "class_weight" else "")
         raise ConfigError(f"{where}: unknown {cls.__name__} parameter {unknown[0]!r}{hint}")
-    return cls(**{**CLASSIFIER_DEFAULTS[kind], "random_state": seed, **params})
+    seed_param = {"random_state": seed} if spec.seeded else {}
+    return cls(**{**spec.defaults, **seed_param, **weight_params(spec, class_weight), **params})
 
+def fit_classifier(clf, x, y, class_weight: str = "none"):
+    "Fit a classifier made by `make_classifier`, passing per-example weights where its kind takes them that way."
+    return clf.fit(x, y, **fit_weights(spec_of(clf), class_weight, y))
+
+# %% ../nbs/03_baseline.ipynb #c007b
 def make_vectorizer(tfidf: dict, where: str = "models_baseline.yaml"):
     "An unfitted `TfidfVectorizer` from the config's `tfidf` mapping (lists become tuples, e.g. `ngram_range`)."
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -66,6 +73,10 @@ def grid_candidates(params: dict, search: dict) -> list[dict]:
     for k in keys:
         if not isinstance(search[k], list) or not search[k]: raise ConfigError(f"search.{k}: expected a non-empty list")
     return [{**params, **dict(zip(keys, combo))} for combo in itertools.product(*(search[k] for k in keys))]
+
+def model_search(model_cfg: BaselineModelConfig) -> dict:
+    "The model's validation grid: its config's `search`, or the registry's grid for its classifier when unset."
+    return classifier_spec(model_cfg.classifier).search if model_cfg.search is None else model_cfg.search
 
 # %% ../nbs/03_baseline.ipynb #c010
 class SealedSplitError(RuntimeError):
@@ -117,18 +128,18 @@ class Selection:
 
 def select_model(name: str, model_cfg: BaselineModelConfig, train_text, train_y, val_text, val_y,
                  labels: Sequence[str], select_metric: str = "macro_f1", seed: int = 42,
-                 progress: bool = True) -> Selection:
+                 progress: bool = True, class_weight: str = "none") -> Selection:
     "Fit every grid candidate on train, score it on validation, return the best (no test data involved)."
     from sklearn.pipeline import Pipeline
     where = f"models_baseline.yaml: models.{name}"
     t0 = time.perf_counter()
     train_text, val_text = list(train_text), list(val_text)
     features, candidates, best = {}, [], None     # features: TF-IDF setting -> (vectoriser, X_train, X_val, seconds)
-    grid = grid_candidates(model_cfg.params, model_cfg.search)
+    grid = grid_candidates(model_cfg.params, model_search(model_cfg))
     for params in grid:                           # check every candidate's settings before fitting anything
         tfidf_extra, clf_params = split_candidate(params)
         make_vectorizer({**model_cfg.tfidf, **tfidf_extra}, f"{where}.tfidf/search")
-        make_classifier(model_cfg.classifier, clf_params, seed, f"{where}.params/search")
+        make_classifier(model_cfg.classifier, clf_params, seed, f"{where}.params/search", class_weight)
     for params in tqdm(grid, desc=f"{name}: search", unit="candidate", disable=not progress):
         tfidf_extra, clf_params = split_candidate(params)
         setting = json.dumps(tfidf_extra, sort_keys=True)
@@ -138,8 +149,8 @@ def select_model(name: str, model_cfg: BaselineModelConfig, train_text, train_y,
             x_train = vectorizer.fit_transform(train_text)
             features[setting] = (vectorizer, x_train, vectorizer.transform(val_text), time.perf_counter() - t)
         vectorizer, x_train, x_val, vec_seconds = features[setting]
-        clf = make_classifier(model_cfg.classifier, clf_params, seed, f"{where}.params/search")
-        t = time.perf_counter(); clf.fit(x_train, train_y); clf_seconds = time.perf_counter() - t
+        clf = make_classifier(model_cfg.classifier, clf_params, seed, f"{where}.params/search", class_weight)
+        t = time.perf_counter(); fit_classifier(clf, x_train, train_y, class_weight); clf_seconds = time.perf_counter() - t
         pred = clf.predict(x_val)
         scores = classification_metrics(val_y, pred, labels)
         row = {"params": params, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
@@ -152,8 +163,10 @@ def select_model(name: str, model_cfg: BaselineModelConfig, train_text, train_y,
                      fit_seconds=row["fit_seconds"], search_seconds=time.perf_counter() - t0)
 
 # %% ../nbs/03_baseline.ipynb #c016
-MODEL_FORMAT = "nlpmt-tfidf-linear-v1"
+MODEL_FORMAT = "nlpmt-tfidf-v2"
 MODEL_MARKER = "nlpmt_model.json"
+LEGACY_ARRAYS = {"nlpmt-tfidf-linear-v1": {"idf": "tfidf.idf_", "coef": "clf.coef_", "intercept": "clf.intercept_",
+                                           "classes": "clf.classes_"}}   # older format -> array names of this one
 
 def _json_params(params: dict, where: str) -> dict:
     "Estimator parameters as JSON values (dtypes by name); anything else is an error naming the parameter."
@@ -171,45 +184,66 @@ def _from_json_params(params: dict) -> dict:
     return {k: np.dtype(v["dtype"]).type if isinstance(v, dict) and set(v) == {"dtype"} else
                tuple(v) if k == "ngram_range" else v for k, v in params.items()}
 
+def fitted_arrays(vec, clf) -> dict[str, np.ndarray]:
+    "The arrays a saved model keeps: the IDF weights and the classifier's registry-listed fitted attributes."
+    spec = spec_of(clf)
+    out = {"tfidf.idf_": vec.idf_}
+    for attr in ("classes_", *spec.fitted):
+        value = getattr(clf, attr, None)
+        if value is None: raise ValueError(f"{spec.name}: the fitted classifier has no {attr!r} (is it fitted?)")
+        out[f"clf.{attr}"] = np.atleast_1d(np.asarray(value))
+        if out[f"clf.{attr}"].dtype == object: raise ValueError(f"{spec.name}: {attr!r} is not a numeric array")
+    return out
+
+# %% ../nbs/03_baseline.ipynb #c016a
 def save_pipeline(pipeline, folder: str | Path, meta: dict) -> Path:
-    "Write a fitted TF-IDF + linear pipeline to `folder` (`pipeline.json`, `arrays.npz`, then `nlpmt_model.json`)."
+    "Write a fitted TF-IDF pipeline to `folder` (`pipeline.json`, `arrays.npz`, then `nlpmt_model.json`)."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     vec, clf = pipeline.named_steps["tfidf"], pipeline.named_steps["clf"]
-    kind = {"LogisticRegression": "logreg", "LinearSVC": "linear_svm"}[type(clf).__name__]
+    spec = spec_of(clf)
     vocab = sorted(vec.vocabulary_, key=vec.vocabulary_.get)
-    spec = {"format": MODEL_FORMAT, "classifier": kind,
-            "tfidf_params": _json_params(vec.get_params(), "tfidf"), "clf_params": _json_params(clf.get_params(), kind),
-            "vocabulary": vocab}
-    (folder/"pipeline.json").write_text(json.dumps(spec, ensure_ascii=False))
-    np.savez(folder/"arrays.npz", idf=vec.idf_, coef=clf.coef_, intercept=np.atleast_1d(clf.intercept_),
-             classes=clf.classes_)
+    doc = {"format": MODEL_FORMAT, "classifier": spec.name, "tfidf_params": _json_params(vec.get_params(), "tfidf"),
+           "clf_params": _json_params(clf.get_params(), spec.name), "vocabulary": vocab}
+    arrays = fitted_arrays(vec, clf)
+    (folder/"pipeline.json").write_text(json.dumps(doc, ensure_ascii=False))
+    np.savez(folder/"arrays.npz", **arrays)
     files = {f: sha256_file(folder/f) for f in ("pipeline.json", "arrays.npz")}
     score = "probability" if hasattr(clf, "predict_proba") else "margin"
     marker = {"kind": "baseline", "created": utc_now(), "format": MODEL_FORMAT, "files": files, "score": score, **meta}
     (folder/MODEL_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True, default=str) + "\n")
     return folder
 
-def load_pipeline(folder: str | Path):
-    "Rebuild the fitted pipeline saved by `save_pipeline`, verifying file hashes (no pickle involved)."
-    from sklearn.pipeline import Pipeline
-    folder = Path(folder)
+# %% ../nbs/03_baseline.ipynb #c016b
+def _verified_marker(folder: Path) -> dict:
+    "The model folder's marker, after checking its format and every listed file's SHA-256."
     if not (folder/MODEL_MARKER).is_file(): raise FileNotFoundError(f"{folder}: no {MODEL_MARKER}; not a saved nlpmt model")
     marker = json.loads((folder/MODEL_MARKER).read_text())
-    if marker.get("format") != MODEL_FORMAT:
+    if marker.get("format") not in (MODEL_FORMAT, *LEGACY_ARRAYS):
         raise ValueError(f"{folder/MODEL_MARKER}: format {marker.get('format')!r} is not {MODEL_FORMAT!r}")
     for name, digest in marker["files"].items():
         if not (folder/name).is_file(): raise FileNotFoundError(f"{folder/name}: missing (listed in {MODEL_MARKER})")
         if sha256_file(folder/name) != digest:
             raise ValueError(f"{folder/name}: SHA-256 differs from {MODEL_MARKER}; the file is corrupt or was changed")
-    spec = json.loads((folder/"pipeline.json").read_text())
-    arrays = np.load(folder/"arrays.npz", allow_pickle=False)
-    vec = make_vectorizer(_from_json_params(spec["tfidf_params"]), f"{folder}/pipeline.json")
-    vec.vocabulary_ = {term: i for i, term in enumerate(spec["vocabulary"])}
-    vec.idf_ = arrays["idf"]
-    clf = classifier_class(spec["classifier"])(**_from_json_params(spec["clf_params"]))
-    clf.coef_, clf.classes_ = arrays["coef"], arrays["classes"]
-    clf.intercept_ = arrays["intercept"]
-    clf.n_features_in_ = arrays["coef"].shape[1]
+    return marker
+
+def load_pipeline(folder: str | Path):
+    "Rebuild the fitted pipeline saved by `save_pipeline`, verifying file hashes (no pickle involved)."
+    from sklearn.pipeline import Pipeline
+    folder = Path(folder)
+    marker = _verified_marker(folder)
+    doc = json.loads((folder/"pipeline.json").read_text())
+    with np.load(folder/"arrays.npz", allow_pickle=False) as npz:
+        rename = LEGACY_ARRAYS.get(marker["format"], {})
+        arrays = {rename.get(k, k): npz[k] for k in npz.files}
+    spec = classifier_spec(doc["classifier"])
+    vec = make_vectorizer(_from_json_params(doc["tfidf_params"]), f"{folder}/pipeline.json")
+    vec.vocabulary_ = {term: i for i, term in enumerate(doc["vocabulary"])}
+    vec.idf_ = arrays["tfidf.idf_"]
+    clf = spec.estimator_class()(**_from_json_params(doc["clf_params"]))
+    for attr in ("classes_", *spec.fitted):
+        if f"clf.{attr}" not in arrays: raise ValueError(f"{folder/'arrays.npz'}: no {attr!r} for a {spec.name} model")
+        setattr(clf, attr, arrays[f"clf.{attr}"])
+    clf.n_features_in_ = len(vec.idf_)
     return Pipeline([("tfidf", vec), ("clf", clf)]), marker
 
 # %% ../nbs/03_baseline.ipynb #c018
@@ -258,6 +292,7 @@ def model_names(models, config: Config) -> list[str]:
     if unknown: raise ConfigError(f"models_baseline.yaml: no model {unknown[0]!r} (models: {', '.join(known)})")
     return names
 
+# %% ../nbs/03_baseline.ipynb #c021c
 def save_model(store: Store, name: str, pipeline, labels: Sequence[str], meta: dict) -> str:
     "Save a fitted pipeline under `models/final/{model}/` in the store (marker file last); returns the prefix."
     prefix = f"models/final/{model_short_name(name)}"
@@ -267,6 +302,7 @@ def save_model(store: Store, name: str, pipeline, labels: Sequence[str], meta: d
         for f in ("pipeline.json", "arrays.npz", MODEL_MARKER): store.upload_file(Path(tmp)/f, f"{prefix}/{f}")
     return prefix
 
+# %% ../nbs/03_baseline.ipynb #c021e
 @dataclass
 class BaselineRun:
     "What one baseline run produced: metrics records, the summary table, figures and the keys written."
@@ -305,7 +341,7 @@ def run_baseline(store: Store, config: Config, models=None, log: Optional[list] 
     selections = {}
     for name in tqdm(names, desc="baseline models", unit="model", disable=not progress):
         selections[name] = select_model(name, bcfg.models[name], train["text"], train_y, val["text"], val_y, labels,
-                                        bcfg.select_metric, seed, progress)
+                                        bcfg.select_metric, seed, progress, bcfg.class_weight)
         splits.log.append(f"selected {name}")
     splits.unseal_test()
     test = splits.read("test")
@@ -315,9 +351,9 @@ def run_baseline(store: Store, config: Config, models=None, log: Optional[list] 
         t = time.perf_counter(); test_pred = sel.pipeline.predict(list(test["text"]))
         predict_seconds = time.perf_counter() - t
         splits.log.append(f"predicted test {name}")
-        extra = {"selection": {"metric": bcfg.select_metric, "search": bcfg.models[name].search,
+        extra = {"selection": {"metric": bcfg.select_metric, "search": model_search(bcfg.models[name]),
                                "candidates": sel.candidates, "search_seconds": sel.search_seconds},
-                 "classifier": bcfg.models[name].classifier}
+                 "classifier": bcfg.models[name].classifier, "class_weight": bcfg.class_weight}
         rec = metrics_record(name, "baseline", labels, val_y, sel.val_pred, test_y, test_pred,
                              fit_seconds=sel.fit_seconds, predict_seconds=predict_seconds, train_rows=len(train),
                              data_report=report, config=config, params=sel.params, extra=extra)

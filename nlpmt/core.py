@@ -14,10 +14,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 # %% auto #0
-__all__ = ['CONFIG_FILES', 'SECTIONS', 'project_root', 'ConfigError', 'ProjectConfig', 'DataConfig', 'BaselineModelConfig',
-           'BaselineConfig', 'TrainingSettings', 'TransformerConfig', 'from_dict', 'Config', 'parse_override',
-           'env_overrides', 'load_config', 'package_version', 'git_commit', 'utc_now', 'provenance', 'sha256_bytes',
-           'sha256_file', 'model_short_name']
+__all__ = ['CONFIG_FILES', 'ClassifierName', 'ClassWeight', 'SECTIONS', 'project_root', 'ConfigError', 'ProjectConfig',
+           'DataConfig', 'BaselineModelConfig', 'BaselineConfig', 'TrainingSettings', 'TransformerConfig', 'from_dict',
+           'Config', 'parse_override', 'env_overrides', 'load_config', 'package_version', 'git_commit', 'utc_now',
+           'provenance', 'sha256_bytes', 'sha256_file', 'model_short_name']
 
 # %% ../nbs/00_core.ipynb #c005
 CONFIG_FILES = {"project": "project.yaml", "data": "data_config.yaml",
@@ -74,13 +74,17 @@ class DataConfig:
     strict: bool = False
     min_class_rows: int = 10
 
+from .classifiers import CLASSIFIERS, CLASS_WEIGHTS
+ClassifierName = Literal[tuple(CLASSIFIERS)]     # the names in the classifier registry (nlpmt.classifiers)
+ClassWeight = Literal[CLASS_WEIGHTS]             # "none" | "balanced"
+
 @dataclass
 class BaselineModelConfig:
-    "One TF-IDF + linear model and its optional validation-only search grid."
-    classifier: Literal["logreg", "linear_svm"]
+    "One TF-IDF + classifier model and its optional validation-only search grid."
+    classifier: ClassifierName
     tfidf: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
-    search: dict[str, list] = field(default_factory=dict)
+    search: Optional[dict[str, list]] = None     # None = the registry's grid for the classifier; {} = no search
 
 @dataclass
 class BaselineConfig:
@@ -88,6 +92,7 @@ class BaselineConfig:
     models: dict[str, BaselineModelConfig]
     select_metric: Literal["macro_f1", "accuracy"] = "macro_f1"
     seed: int = 42
+    class_weight: ClassWeight = "balanced"       # none | balanced: weight classes inversely to their frequency
 
 @dataclass
 class TrainingSettings:

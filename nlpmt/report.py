@@ -9,7 +9,7 @@ Docs: https://nlpmt.github.io/nlpmt/report.html.md"""
 
 # %% ../nbs/05_report.ipynb #c005
 from __future__ import annotations
-import io, json, math, re, struct
+import io, json, math, re, struct, sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 import numpy as np
@@ -24,8 +24,9 @@ __all__ = ['METRICS_KEY_RE', 'SUMMARY_KEY', 'REPORT_KEY', 'FIGURES_PREFIX', 'FIG
            'bootstrap_indices', 'bootstrap_scores', 'percentile_interval', 'mcnemar_test', 'paired_bootstrap',
            'holm_adjust', 'leaderboard', 'compare_to_best', 'model_colours', 'row_label', 'png_size', 'figure_png',
            'plot_model_comparison', 'plot_per_class_f1', 'plot_training_curves', 'plot_confusions',
-           'plot_cost_vs_accuracy', 'Report', 'markdown_table', 'leaderboard_display', 'comparisons_display',
-           'findings', 'render_markdown', 'make_report', 'format_summary', 'cmd_report', 'register_cli']
+           'plot_cost_vs_accuracy', 'per_class_f1', 'zero_f1_warnings', 'per_class_display', 'Report', 'markdown_table',
+           'leaderboard_display', 'comparisons_display', 'findings', 'render_markdown', 'make_report', 'format_summary',
+           'cmd_report', 'register_cli']
 
 # %% ../nbs/05_report.ipynb #c007
 METRICS_KEY_RE = re.compile(r"^results/([^/]+)/([^/]+)_metrics\.json$")
@@ -164,15 +165,17 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
 
 # %% ../nbs/05_report.ipynb #c020
 def mcnemar_test(y_true, pred_a, pred_b) -> dict:
-    "McNemar's test on which examples models a and b get right: counts b, c, exact and chi-squared p-values."
+    "McNemar's test on which examples models a and b get right: counts b, c, exact and chi-squared p-values (scipy)."
+    from scipy.stats import binomtest, chi2 as chi2_dist
     y_true = np.asarray(y_true); ra, rb = np.asarray(pred_a) == y_true, np.asarray(pred_b) == y_true
     b, c = int(np.sum(ra & ~rb)), int(np.sum(~ra & rb))
     n = b + c
-    p_exact = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
-    chi2 = (abs(b - c) - 1) ** 2 / n if n else 0.0
-    p_chi2 = math.erfc(math.sqrt(chi2 / 2)) if n else 1.0   # chi-squared survival function, 1 degree of freedom
+    p_exact = float(binomtest(min(b, c), n, 0.5).pvalue) if n else 1.0   # two-sided binomial test of the discordant pairs
+    chi2 = (abs(b - c) - 1) ** 2 / n if n else 0.0                       # with continuity correction
+    p_chi2 = float(chi2_dist.sf(chi2, 1)) if n else 1.0
     return {"a_only_right": b, "b_only_right": c, "p_exact": p_exact, "chi2": chi2, "p_chi2": p_chi2}
 
+# %% ../nbs/05_report.ipynb #c022a
 def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, observed: float, level: float = 0.95) -> dict:
     "Difference a - b on shared bootstrap resamples: observed value, percentile interval, two-sided p-value."
     d = np.asarray(scores_a) - np.asarray(scores_b)
@@ -181,6 +184,7 @@ def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, observed: float
     p = min(1.0, 2 * min((np.sum(d <= 0) + 1) / (n + 1), (np.sum(d >= 0) + 1) / (n + 1)))
     return {"diff": float(observed), "lo": lo, "hi": hi, "p": float(p)}
 
+# %% ../nbs/05_report.ipynb #c022d
 def holm_adjust(pvalues: Sequence[float]) -> list[float]:
     "Holm-Bonferroni adjusted p-values (same order as given)."
     p = np.asarray(pvalues, dtype=float)
@@ -308,8 +312,9 @@ def plot_model_comparison(board: pd.DataFrame):
     return fig
 
 def plot_per_class_f1(records: dict[str, dict], board: pd.DataFrame):
-    "Heat map of test F1 per class (columns) and model (rows, leaderboard order), values written in the cells."
+    "Heat map of test F1 per class (columns) and model (rows, leaderboard order), values in the cells, F1 0 outlined."
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
     labels = records[board["key"].iloc[0]]["labels"]
     f1 = np.array([[records[k]["test"]["per_class"][c]["f1"] for c in labels] for k in board["key"]])
     n, k = f1.shape
@@ -319,7 +324,10 @@ def plot_per_class_f1(records: dict[str, dict], board: pd.DataFrame):
     im = ax.imshow(f1, cmap="RdYlGn", vmin=vmin, vmax=1, aspect="auto")
     for i in range(n):
         for j in range(k):
-            ax.text(j, i, f"{f1[i, j]:.2f}", ha="center", va="center", fontsize=10)
+            failed = f1[i, j] == 0          # a class the model never gets right: outlined and labelled
+            ax.text(j, i, "0.00\nF1 0!" if failed else f"{f1[i, j]:.2f}", ha="center", va="center", fontsize=10,
+                    color="white" if failed else "black", fontweight="bold" if failed else "normal")
+            if failed: ax.add_patch(Rectangle((j - 0.47, i - 0.45), 0.94, 0.9, fill=False, ec="black", lw=2.5))
     ax.set_xticks(range(k), labels=labels, rotation=30 if max(map(len, labels)) > 8 else 0)
     ax.set_yticks(range(n), labels=[row_label(r) for _, r in board.iterrows()])
     ax.set_title("Test F1 per class", fontsize=12)
@@ -397,6 +405,33 @@ def plot_cost_vs_accuracy(board: pd.DataFrame):
     ax.grid(alpha=0.3)
     return fig
 
+# %% ../nbs/05_report.ipynb #r002
+def per_class_f1(records: dict[str, dict], board: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    "F1 on `split` per model (rows, leaderboard order, `model (stage)`) and class (columns, label order)."
+    labels = records[board["key"].iloc[0]]["labels"]
+    return pd.DataFrame([[records[k][split]["per_class"][c]["f1"] for c in labels] for k in board["key"]],
+                        index=[row_label(r) for _, r in board.iterrows()], columns=labels)
+
+def zero_f1_warnings(records: dict[str, dict], board: pd.DataFrame) -> list[str]:
+    "One warning per model and split where a class with rows has F1 0 (the model never gets it right)."
+    out = []
+    for key in board["key"]:
+        rec = records[key]
+        for split in ("validation", "test"):
+            zero = [f"{c!r} ({m['support']} rows)" for c, m in rec[split]["per_class"].items()
+                    if m["f1"] == 0 and m["support"] > 0]
+            if zero: out.append(f"{rec['model']} ({rec['stage']}) has F1 0 on the {split} split for "
+                                f"{', '.join(zero)}: it never predicts that class correctly, and its accuracy and "
+                                "macro-F1 hide it. Try class_weight: balanced, more rows of the class, or check its labels.")
+    return out
+
+def per_class_display(records: dict[str, dict], board: pd.DataFrame) -> pd.DataFrame:
+    "Test F1 per class as strings (F1 0 flagged), with each model's lowest validation F1."
+    test, val = per_class_f1(records, board, "test"), per_class_f1(records, board, "validation")
+    out = test.map(lambda v: "0.000 (F1 0!)" if v == 0 else f"{v:.3f}")
+    out["lowest val F1"] = val.min(axis=1).map(lambda v: "0.000 (F1 0!)" if v == 0 else f"{v:.3f}")
+    return out.rename_axis("model").reset_index()
+
 # %% ../nbs/05_report.ipynb #c034
 @dataclass
 class Report:
@@ -412,6 +447,8 @@ class Report:
     n_bootstrap: int
     seed: int
     alpha: float = ALPHA
+    per_class: Optional[pd.DataFrame] = None       # per_class_display: test F1 per model and class
+    warnings: list[str] = field(default_factory=list)   # zero_f1_warnings: models with a class at F1 0
 
     @property
     def selected(self) -> pd.Series:
@@ -494,6 +531,7 @@ def render_markdown(report: Report, n_files: int) -> str:
              f"{len(lb)} model(s) from {n_files} metrics file(s) in `{report.store_uri}`"
              f"{f' ({len(report.skipped)} skipped, see below)' if report.skipped else ''}; "
              f"{int(best['test_n'])} test examples; nlpmt {package_version()}.", "",
+             *[f"> **WARNING:** {w}\n" for w in report.warnings],
              "## Findings", "", *[f"- {f}" for f in findings(report)], "",
              "## Leaderboard", "",
              "Models are ranked by **validation** macro-F1: the test split plays no part in choosing the selected "
@@ -508,6 +546,10 @@ def render_markdown(report: Report, n_files: int) -> str:
                   f"gets right. p-values are Holm-adjusted over the {len(report.comparisons)} comparison(s); a "
                   f"difference is called real when its adjusted p < {report.alpha}.", "",
                   markdown_table(comparisons_display(report.comparisons)), ""]
+    if report.per_class is not None:
+        parts += ["## Per-class F1", "", "Test F1 of every model on every class (leaderboard order), and each model's "
+                  "lowest validation F1; `F1 0!` marks a class the model never gets right.", "",
+                  markdown_table(report.per_class), ""]
     parts += ["## Figures", ""]
     for name, key in report.figures.items():
         parts += [f"![{name.replace('_', ' ')}](../{key})", ""]
@@ -555,6 +597,7 @@ def make_report(store, allow_mixed_data: bool = False, n_bootstrap: int = DEFAUL
                                                       "cost (costs are recorded by SageMaker jobs).")
     if len(board) == 1: notes.append("Only one model: no paired significance tests.")
     report = Report(store.uri, board, comparisons, got.skipped, notes, {}, {}, [], n_bootstrap, seed, alpha)
+    report.per_class, report.warnings = per_class_display(records, board), zero_f1_warnings(records, board)
     pngs = {name: figure_png(fig) for name, fig in figs.items() if fig is not None}
     report.figures = {name: figure_key(name) for name in pngs}
     report.figure_sizes = {name: png_size(png) for name, png in pngs.items()}
@@ -570,8 +613,11 @@ def make_report(store, allow_mixed_data: bool = False, n_bootstrap: int = DEFAUL
 # %% ../nbs/05_report.ipynb #c039
 def format_summary(report: Report) -> str:
     "What the CLI prints: leaderboard, tests, skipped files, notes and the written keys as URLs."
-    lines = ["Leaderboard (ranked by validation macro-F1; test scores with 95% bootstrap intervals):",
-             leaderboard_display(report.leaderboard).to_string(index=False), ""]
+    lines = [f"WARNING: {w}" for w in report.warnings] + ([""] if report.warnings else [])
+    lines += ["Leaderboard (ranked by validation macro-F1; test scores with 95% bootstrap intervals):",
+              leaderboard_display(report.leaderboard).to_string(index=False), ""]
+    if report.per_class is not None:
+        lines += ["Test F1 per class:", report.per_class.to_string(index=False), ""]
     if not report.comparisons.empty:
         lines += ["Selected model vs each other model (Holm-adjusted p-values, alpha "
                   f"{report.alpha}):", comparisons_display(report.comparisons).to_string(index=False), ""]
@@ -587,6 +633,7 @@ def cmd_report(args) -> int:
     store = open_store(args.store) if args.store else open_store(None, config_from_args(args))
     report = make_report(store, allow_mixed_data=args.allow_mixed_data, n_bootstrap=args.n_bootstrap, seed=args.seed)
     print(format_summary(report))
+    for w in report.warnings: print(f"WARNING: {w}", file=sys.stderr)   # also where a pipeline log shows errors
     return 0
 
 def register_cli(subparsers) -> None:

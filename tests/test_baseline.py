@@ -5,15 +5,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from nlpmt.baseline import (SplitReader, SealedSplitError, load_predictor, model_names, run_baseline, save_pipeline,
-                            select_model)
-from nlpmt.core import ConfigError, load_config, sha256_bytes
+from nlpmt.baseline import (SplitReader, SealedSplitError, load_pipeline, load_predictor, model_names, run_baseline,
+                            save_pipeline, select_model)
+from nlpmt.classifiers import CLASSIFIERS, CLASS_WEIGHTS
+from nlpmt.core import BaselineConfig, BaselineModelConfig, ConfigError, load_config, sha256_bytes
 from nlpmt.data import prepare_data, prepare_demo_data
 from nlpmt.metrics import validate_metrics_record
 from nlpmt.storage import DATA_REPORT_KEY, LocalStore, SPLITS, StoreError, read_split, temp_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_KEY = "data/processed/test_4class.csv"
+MODELS = ("logreg", "linear_svm", "complement_nb")     # the models of configs/models_baseline.yaml
 
 
 class RecordingStore(LocalStore):
@@ -50,7 +52,7 @@ def demo_store():
 
 @pytest.fixture(scope="module")
 def baseline_run(demo_store, config):
-    "Both baselines run once on a copy of the demo store, recording every store read in order."
+    "All baselines run once on a copy of the demo store, recording every store read in order."
     log = []
     store = RecordingStore(temp_store().root, log)
     shutil.copytree(demo_store.root, store.root, dirs_exist_ok=True)
@@ -65,7 +67,7 @@ def fresh_copy(store):
 
 def test_run_writes_every_output(baseline_run):
     store, run, _ = baseline_run
-    for model in ("logreg", "linear_svm"):
+    for model in MODELS:
         rec = store.read_json(f"results/baseline/{model}_metrics.json")
         assert validate_metrics_record(rec) == [], model
         assert rec["stage"] == "baseline" and rec["model"] == model and rec["history"] == []
@@ -79,7 +81,7 @@ def test_run_writes_every_output(baseline_run):
         marker = store.read_json(f"models/final/{model}/nlpmt_model.json")
         assert marker["kind"] == "baseline" and marker["model"] == model and marker["labels"] == rec["labels"]
     summary = store.read_csv("results/baseline/baseline_summary.csv")
-    assert sorted(summary["model"]) == ["linear_svm", "logreg"]
+    assert sorted(summary["model"]) == sorted(MODELS)
     assert {"test_accuracy", "test_macro_f1", "val_macro_f1", "fit_seconds", "params"} <= set(summary.columns)
     assert (summary["test_accuracy"] > 0.5).all()     # well above chance (0.25) even on the small demo sample
 
@@ -88,7 +90,7 @@ def test_test_split_is_read_once_and_only_after_selection(baseline_run):
     _, run, log = baseline_run
     test_reads = [i for i, e in enumerate(log) if e == f"store read {TEST_KEY}"]
     assert len(test_reads) == 1
-    last_selection = max(log.index(f"selected {m}") for m in ("logreg", "linear_svm"))
+    last_selection = max(log.index(f"selected {m}") for m in MODELS)
     assert test_reads[0] > last_selection
     assert log.index("store read data/processed/train_4class.csv") < log.index("selected logreg")
     assert log.index("store read data/processed/val_4class.csv") < log.index("selected logreg")
@@ -121,7 +123,7 @@ def test_split_reader_keeps_the_test_split_sealed(demo_store):
 def test_reloaded_models_predict_what_was_scored(baseline_run):
     store, run, _ = baseline_run
     test = read_split(store, "test")
-    for model in ("logreg", "linear_svm"):
+    for model in MODELS:
         predictor = load_predictor(store.local_path(f"models/final/{model}"))
         rec = run.records[model]
         assert predictor.labels == rec["labels"]
@@ -178,7 +180,7 @@ def test_class_without_training_rows_and_changed_split_are_errors(demo_store, co
 
 
 def test_model_names_and_config_errors(config):
-    assert model_names("", config) == ["logreg", "linear_svm"] == model_names([], config)
+    assert model_names("", config) == list(MODELS) == model_names([], config)
     assert model_names("linear_svm, logreg", config) == ["linear_svm", "logreg"]
     with pytest.raises(ConfigError, match="no model 'bert'"): model_names(["bert"], config)
     bad = load_config(ROOT/"configs", overrides=['baseline.models={"logreg": {"classifier": "logreg", "params": {"Cee": 1}}}'])
@@ -190,7 +192,7 @@ def test_model_names_and_config_errors(config):
 def test_rerunning_one_model_keeps_the_others_in_the_summary(baseline_run, config):
     store = fresh_copy(baseline_run[0])
     run = run_baseline(store, config, ["linear_svm"], progress=False)
-    assert sorted(run.summary["model"]) == ["linear_svm", "logreg"]
+    assert sorted(run.summary["model"]) == sorted(MODELS)
     assert list(run.records) == ["linear_svm"]
 
 
@@ -200,12 +202,118 @@ def test_notebook_runs_as_a_papermill_job(demo_store, tmp_path):
     out = tmp_path/"baseline_run.ipynb"
     pm.execute_notebook(str(ROOT/"nbs"/"03_baseline.ipynb"), str(out), cwd=str(tmp_path), progress_bar=False,
                         parameters={"store": str(store.root), "models": ["linear_svm"],
-                                    "config_dir": str(ROOT/"configs")}, kernel_name="python3")
+                                    "config_dir": str(ROOT/"configs"), "class_weight": "none"}, kernel_name="python3")
     assert store.exists("results/baseline/linear_svm_metrics.json") and not store.exists("results/baseline/logreg_metrics.json")
+    rec = store.read_json("results/baseline/linear_svm_metrics.json")
+    assert rec["class_weight"] == "none" == rec["config"]["baseline"]["class_weight"]     # the parameter reached the run
     nb = json.loads(out.read_text())
     kinds = [k for c in nb["cells"] for o in c.get("outputs", []) for k in o.get("data", {})]
     assert "image/png" in kinds and "text/html" in kinds     # the confusion matrix and the summary table, inline
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline_run.ipynb"]   # nothing else written
+
+
+def test_registry_is_the_one_list_of_classifiers(config):
+    "Config literals, the shipped models, the estimators and the notebook all agree with nlpmt.classifiers."
+    import typing
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    hints = typing.get_type_hints(BaselineModelConfig)
+    assert typing.get_args(hints["classifier"]) == tuple(CLASSIFIERS) == ("logreg", "linear_svm", "complement_nb")
+    assert typing.get_args(typing.get_type_hints(BaselineConfig)["class_weight"]) == CLASS_WEIGHTS == ("none", "balanced")
+    assert {m.classifier for m in config.baseline.models.values()} == set(CLASSIFIERS)   # every kind is run by default
+    notebook = (ROOT/"nbs"/"00a_classifiers.ipynb").read_text()
+    for name, spec in CLASSIFIERS.items():
+        assert f'ClassifierSpec(\\"{name}\\"' in notebook, name          # each kind is registered in its notebook section
+        params = spec.estimator_class()().get_params()
+        assert set(spec.defaults) <= set(params) and set(spec.search) <= set(params), name
+        assert spec.seeded == ("random_state" in params), name
+        assert (spec.weighting == "param") == ("class_weight" in params), name
+    for model in config.baseline.models.values():
+        keys = [k for k in (model.search or {}) if not k.startswith("tfidf.")]
+        assert set(keys) <= set(CLASSIFIERS[model.classifier].estimator_class()().get_params())
+        assert {k[6:] for k in (model.search or {}) if k.startswith("tfidf.")} <= set(TfidfVectorizer().get_params())
+    with pytest.raises(ConfigError, match=r"'naive_bayes' is not one of \['logreg', 'linear_svm', 'complement_nb'\]"):
+        load_config(ROOT/"configs", overrides=['baseline.models={"nb": {"classifier": "naive_bayes"}}'])
+    with pytest.raises(ConfigError, match=r"class_weight: 'auto' is not one of \['none', 'balanced'\]"):
+        load_config(ROOT/"configs", overrides=["baseline.class_weight=auto"])
+
+
+TOY = (["goal match team win", "team coach league", "stock market shares", "bank profit market",
+        "chip laptop battery", "software chip cloud"] * 6, [0, 0, 1, 1, 2, 2] * 6, ["sport", "money", "tech"])
+
+
+@pytest.mark.parametrize("kind", list(CLASSIFIERS))
+@pytest.mark.parametrize("class_weight", CLASS_WEIGHTS)
+def test_every_registered_classifier_saves_and_loads_exactly(kind, class_weight, tmp_path):
+    "The model format stores each kind's registry-listed arrays (no `coef_` assumed) and reloads the same scores."
+    texts, y, labels = TOY
+    sel = select_model(kind, BaselineModelConfig(kind, tfidf={"ngram_range": [1, 2]}), texts, y, texts[:6], y[:6],
+                       labels, progress=False, class_weight=class_weight)
+    assert len(sel.candidates) == len(next(iter(CLASSIFIERS[kind].search.values())))   # the registry's grid
+    save_pipeline(sel.pipeline, tmp_path, {"model": kind, "model_name": kind, "labels": labels})
+    with np.load(tmp_path/"arrays.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == sorted(["tfidf.idf_", "clf.classes_", *(f"clf.{a}" for a in CLASSIFIERS[kind].fitted)])
+    loaded = load_predictor(tmp_path)
+    probe = ["league goal win", "market bank", "cloud chip", "unknown words only"]
+    assert np.array_equal(loaded.predict_indices(probe), sel.pipeline.predict(probe))
+    score = "predict_proba" if loaded.score_kind == "probability" else "decision_function"
+    assert np.allclose(getattr(loaded.pipeline, score)(probe), getattr(sel.pipeline, score)(probe), rtol=0, atol=1e-12)
+    assert json.loads((tmp_path/"pipeline.json").read_text())["classifier"] == kind
+
+
+def test_models_saved_in_the_first_format_still_load(tmp_path):
+    "A folder in the first format (nlpmt-tfidf-linear-v1: idf/coef/intercept/classes arrays) loads and predicts the same."
+    texts, y, labels = TOY
+    sel = select_model("logreg", BaselineModelConfig("logreg", search={}), texts, y, texts[:6], y[:6], labels,
+                       progress=False)
+    save_pipeline(sel.pipeline, tmp_path, {"model": "logreg", "model_name": "logreg", "labels": labels})
+    with np.load(tmp_path/"arrays.npz") as npz: arrays = {k: npz[k] for k in npz.files}
+    np.savez(tmp_path/"arrays.npz", idf=arrays["tfidf.idf_"], coef=arrays["clf.coef_"],
+             intercept=arrays["clf.intercept_"], classes=arrays["clf.classes_"])
+    doc = json.loads((tmp_path/"pipeline.json").read_text()); doc["format"] = "nlpmt-tfidf-linear-v1"
+    (tmp_path/"pipeline.json").write_text(json.dumps(doc))
+    marker = json.loads((tmp_path/"nlpmt_model.json").read_text())
+    marker["format"] = "nlpmt-tfidf-linear-v1"
+    marker["files"] = {f: sha256_bytes((tmp_path/f).read_bytes()) for f in ("pipeline.json", "arrays.npz")}
+    (tmp_path/"nlpmt_model.json").write_text(json.dumps(marker))
+    pipeline, _ = load_pipeline(tmp_path)
+    assert np.allclose(pipeline.predict_proba(texts), sel.pipeline.predict_proba(texts), rtol=0, atol=1e-12)
+    marker["format"] = "pickle-v0"; (tmp_path/"nlpmt_model.json").write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match="format 'pickle-v0' is not 'nlpmt-tfidf-v2'"): load_pipeline(tmp_path)
+
+
+def skewed_store(demo_store, minority="Business", keep=8):
+    "A copy of the demo store whose training split keeps only `keep` rows of one class (about 2 % of it)."
+    store = fresh_copy(demo_store)
+    train = read_split(store, "train")
+    rows = train[train["label"] == minority].index[keep:]
+    rewrite_split(store, "train", train.drop(rows).reset_index(drop=True))
+    return store
+
+
+def test_class_weight_balanced_lifts_the_minority_class(demo_store, config):
+    "On a training split with one class cut to ~2 %, balanced weights raise that class's validation recall for every kind."
+    store = skewed_store(demo_store)
+    report = store.read_json(DATA_REPORT_KEY)
+    labels = report["labels"]
+    train, val = read_split(store, "train"), read_split(store, "val")
+    y = lambda df: df["label"].map({l: i for i, l in enumerate(labels)}).to_numpy()
+    assert (y(train) == labels.index("Business")).mean() < 0.03
+    recall = {}
+    for kind in CLASSIFIERS:
+        for cw in CLASS_WEIGHTS:
+            sel = select_model(kind, BaselineModelConfig(kind, search={}), train["text"], y(train), val["text"], y(val),
+                               labels, progress=False, class_weight=cw)
+            minority = y(val) == labels.index("Business")
+            recall[kind, cw] = float((sel.val_pred[minority] == labels.index("Business")).mean())
+    print(recall)
+    assert all(recall[k, "balanced"] >= recall[k, "none"] for k in CLASSIFIERS), recall
+    assert sum(recall[k, "balanced"] - recall[k, "none"] for k in CLASSIFIERS) > 0.3, recall
+    run = run_baseline(store, load_config(ROOT/"configs", overrides=["baseline.class_weight=none"]), ["linear_svm"],
+                       progress=False)
+    assert run.records["linear_svm"]["class_weight"] == "none"
+    marker_params = json.loads(Path(store.local_path("models/final/linear_svm/pipeline.json")).read_text())["clf_params"]
+    assert marker_params["class_weight"] is None
+    assert config.baseline.class_weight == "balanced"
 
 
 @pytest.mark.slow

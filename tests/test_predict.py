@@ -65,8 +65,8 @@ def test_console_script_in_a_subprocess(store):
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "/no/such/folder", "x"], "/no/such/folder: no such folder"),
-    (["--name", "bert", "x"], "no saved model named 'bert' (no nlpmt_model.json); models in this store: linear_svm, logreg"),
-    (["x"], "holds several models (linear_svm, logreg): choose one with --name"),
+    (["--name", "bert", "x"], "no saved model named 'bert' (no nlpmt_model.json); models in this store: complement_nb, linear_svm, logreg"),
+    (["x"], "holds several models (complement_nb, linear_svm, logreg): choose one with --name"),
     (["--name", "logreg"], "no texts to predict: give texts as arguments or --file FILE"),
     (["--name", "logreg", "ok", ""], "text argument 2 is empty"),
     (["--name", "logreg", "--file", "/no/file.txt"], "/no/file.txt: no such file"),

@@ -179,6 +179,28 @@ def test_single_class_predictor(store):
     assert "per_class_f1" in rep.figures
 
 
+def test_per_class_f1_for_every_model_and_loud_warning_at_f1_zero(store, capsys):
+    "A model that never predicts one class is named in a warning (report.md top, CLI stderr); every model gets a per-class row."
+    def never_third(y, labels): return [labels[0] if v == labels[2] else v for v in y]
+    write_metrics(store, _made_record(store, "never-third", never_third))
+    rep = R.make_report(store, n_bootstrap=200)
+    labels = rep.per_class.columns[1:-1].tolist()
+    third = labels[2]
+    assert rep.per_class["model"].tolist() == [f"{m} ({s})" for m, s in zip(rep.leaderboard["model"], rep.leaderboard["stage"])]
+    assert rep.per_class.set_index("model").loc["never-third (baseline)", third] == "0.000 (F1 0!)"
+    assert [w.split(" has F1 0 on the ")[1][:4] for w in rep.warnings] == ["vali", "test"]
+    assert all(w.startswith(f"never-third (baseline) has F1 0") and repr(third) in w for w in rep.warnings)
+    md = store.read_text(R.REPORT_KEY)
+    assert md.index("> **WARNING:** never-third (baseline) has F1 0 on the test split") < md.index("## Findings")
+    table = md[md.index("## Per-class F1"):md.index("## Figures")]
+    assert all(f"| {m} (baseline) |" in table for m in rep.leaderboard["model"]) and "F1 0!" in table
+    assert main(["report", "--store", store.uri, "--n-bootstrap", "200"]) == 0
+    out, err = capsys.readouterr()
+    assert "WARNING: never-third (baseline) has F1 0 on the test split" in err and "Test F1 per class:" in out
+    store.delete("results/baseline/never-third_metrics.json")
+    assert R.make_report(store, n_bootstrap=200).warnings == []           # the real baselines get every class right
+
+
 def test_training_curves_from_histories(store):
     hist = [{"epoch": e, "step": 20 * e, "train_loss": 1.2 / e, "val_loss": 1.0 / e + 0.1, "val_accuracy": 0.6 + 0.1 * e,
              "val_macro_f1": 0.55 + 0.1 * e} for e in (1, 2, 3)]
