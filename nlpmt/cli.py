@@ -28,6 +28,7 @@ PLUGIN_COMMANDS = {
     "aws":      ("nlpmt.aws",     "IAM policies, bucket bootstrap, EC2 Deep Learning AMI, budgets"),
     "cost":     ("nlpmt.aws",     "estimate what a job costs"),
     "doctor":   ("nlpmt.aws",     "check everything needed to move to the cloud"),
+    "sweep":    ("nlpmt.sweep",   "run a stage over a parameter space (grid, random, Optuna TPE), choose on validation"),
 }
 
 def add_config_options(p: argparse.ArgumentParser) -> None:

@@ -76,6 +76,7 @@ class JobSpec:
     model: Optional[str] = None
     overrides: list = field(default_factory=list)   # config overrides (section.key=value)
     config_dir: Optional[str] = None
+    env: dict = field(default_factory=dict)         # extra environment of the job (e.g. a sweep trial's NLPMT_* variables)
 
 def resolve_store_uri(uri: Optional[str], config) -> str:
     "An explicit store URI (local paths made absolute), else the configured `project.store`."
@@ -179,7 +180,7 @@ def local_job_env(spec: JobSpec, root: Path, channels: dict[str, Path], gpu: Opt
     env = dict(os.environ if base is None else base)
     hps = {k: as_string(v) for k, v in spec.params.items()}
     env.update({"NLPMT_OPT_ML": str(root), "NLPMT_RUN_ID": spec.run_id, "NLPMT_JOB_NAME": spec.job_name,
-                "NLPMT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1", **config_env(spec.overrides)})
+                "NLPMT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1", **config_env(spec.overrides), **spec.env})
     if spec.kind == "training":
         env.update({"TRAINING_JOB_NAME": spec.job_name, "SM_MODEL_DIR": str(root/"model"),
                     "SM_OUTPUT_DIR": str(root/"output"), "SM_OUTPUT_DATA_DIR": str(root/"output"/"data"),
@@ -427,7 +428,7 @@ def job_tags(spec: JobSpec, config) -> list[dict]:
 def job_environment(spec: JobSpec) -> dict[str, str]:
     "Environment of a SageMaker job: run id, git commit, unbuffered output and config overrides."
     return {"NLPMT_RUN_ID": spec.run_id, "NLPMT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1",
-            **config_env(spec.overrides)}
+            **config_env(spec.overrides), **spec.env}
 
 def _role(config, role: Optional[str]) -> str:
     "The execution role: `--role`, else `project.role_arn`; a clear error when neither is set."
