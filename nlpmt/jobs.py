@@ -796,8 +796,8 @@ def pipeline_stages(out=None) -> list[str]:
 
 def run_pipeline(store: Optional[str] = None, backend: str = "local", config=None, params: Optional[dict] = None,
                  models: Optional[list] = None, run_id: Optional[str] = None, overrides: Iterable[str] = (),
-                 config_dir: Optional[str] = None, out=None, **sagemaker_kw) -> list[JobResult]:
-    "Run data -> baseline -> transformer -> report as jobs; stop at the first failure; return the job results."
+                 config_dir: Optional[str] = None, out=None, force: Iterable[str] = (), **sagemaker_kw) -> list[JobResult]:
+    "Run data -> baseline -> transformer -> report as jobs, skipping stages that are up to date; stop at the first failure."
     out = out or sys.stdout
     config = config or load_config(config_dir, list(overrides))
     stages = pipeline_stages(out)
@@ -810,11 +810,16 @@ def run_pipeline(store: Optional[str] = None, backend: str = "local", config=Non
             for spec in plans[s]: check_cloud_job(spec, config)
     results = []
     print(f"nlpmt: pipeline run {run_id}: {' -> '.join(stages)} ({backend} backend) into {plans[stages[0]][0].store}", file=out)
+    from nlpmt.fingerprint import pipeline_step_skip, pipeline_step_done   # incremental runs (10/11 notebooks)
+    upstream = {}
     for s in stages:
+        skipped = pipeline_step_skip(s, plans[s], config, force, upstream, out)
+        if skipped is not None: results += skipped; continue
         if backend == "local": batch = run_local_many(plans[s], out=out)
         else: batch = run_sagemaker_many(plans[s], config, out=out, **sagemaker_kw)
         results += batch
         if any(r.status != "Completed" for r in batch): break
+        pipeline_step_done(s, plans[s], batch, upstream)
     return results
 
 def run_sagemaker_many(specs: list[JobSpec], config, out=None, poll: float = 30.0, logs: bool = False, client=None,
@@ -884,7 +889,7 @@ def cmd_pipeline(args) -> int:
     kw = {} if args.backend == "local" else {**_sagemaker_kw(args), "poll": args.poll, "logs": args.logs}
     try:
         results = run_pipeline(args.store, args.backend, config, dict(args.param), args.models, args.run_id,
-                               args.overrides, args.config_dir, **kw)
+                               args.overrides, args.config_dir, force=getattr(args, "force", None) or (), **kw)
     except JobInterrupted as e:
         print_summary(e.results, resolve_store_uri(args.store, config)); return 130
     print_summary(results, resolve_store_uri(args.store, config))
@@ -963,6 +968,8 @@ def register_cli(subparsers) -> None:
     if p is not None:
         _add_backend_options(p)
         p.add_argument("--logs", action="store_true", help="SageMaker: print the jobs' log lines while waiting")
+        p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
+                       help="rerun these stages (or `all`) even when their fingerprint says they are up to date")
         p.set_defaults(func=cmd_pipeline)
 
     p = add("jobs", help="list, inspect, follow and stop SageMaker jobs", description="SageMaker jobs of this project.")

@@ -571,7 +571,8 @@ def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = No
     record = {"run_id": run_id, "name": name, "stage": stage_name(notebook), "notebook": notebook.name,
               "job_name": job_name_from_env(folders=folders), "status": result.status, "failure": result.failure,
               "parameters": values, "started": started, "ended": utc_now(), "seconds": round(result.seconds, 2),
-              "executed_notebook": key, **provenance()}
+              "executed_notebook": key, "fingerprint": os.environ.get("NLPMT_FINGERPRINT"),
+              "sweep_id": os.environ.get("NLPMT_SWEEP_ID"), **provenance()}
     try:
         if result.output_path: target.upload_file(result.output_path, key)
         target.write_json(key[:-len(".ipynb")] + ".json", record)

@@ -372,7 +372,8 @@ def format_sweep(manifest: dict) -> str:
     from nlpmt.jobs import format_table
     chosen = (manifest.get("chosen") or {}).get("trial")
     names = [s["name"] for s in manifest["space"]]
-    rows = [{"": "*" if t["trial"] == chosen else "", "trial": t["trial"], **{n: t["params"].get(n) for n in names},
+    show = lambda v: f"{v:g}" if isinstance(v, float) else v
+    rows = [{"": "*" if t["trial"] == chosen else "", "trial": t["trial"], **{n: show(t["params"].get(n)) for n in names},
              manifest["objective"]: t.get("objective"), "status": t["status"], "seconds": t.get("seconds"),
              "run id": t["run_id"]} for t in manifest["trials"]]
     head = f"\nSweep {manifest['sweep_id']} ({manifest['strategy']}, {manifest['objective']} {manifest['direction']}d on validation)"
