@@ -587,6 +587,8 @@ def cmd_report(args) -> int:
     store = open_store(args.store) if args.store else open_store(None, config_from_args(args))
     report = make_report(store, allow_mixed_data=args.allow_mixed_data, n_bootstrap=args.n_bootstrap, seed=args.seed)
     print(format_summary(report))
+    from nlpmt.sweep_report import report_sweeps, sweep_markdown   # one section per sweep (nbs/13_sweep_report)
+    for s in report_sweeps(store, n_bootstrap=args.n_bootstrap, seed=args.seed): print("\n" + sweep_markdown(s))
     return 0
 
 def register_cli(subparsers) -> None:
