@@ -122,6 +122,16 @@ def test_transformer_sweep_keeps_trial_results_apart_from_the_leaderboard(tmp_pa
     assert m["chosen"]["params"]["learning_rate"] == 1e-2
     assert not store.exists("results/transformer/tiny-bert_metrics.json")   # trials never overwrite the leaderboard
     assert [s["sweep_id"] for s in list_sweeps(store)] == ["lr"]
+    capsys.readouterr()
+    assert main(["run", "baseline", "--store", str(store.root)]) == 0           # a real baseline to compare with
+    capsys.readouterr()
+    assert main(["report", "--store", str(store.root), "--n-bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "### Sweep `lr`: transformer, grid" in out and "Chosen on validation: **t001**" in out
+    assert re.search(r"Its test macro-F1: \*\*[0-9.]+\*\* \[95% bootstrap [0-9.]+, [0-9.]+\]", out)
+    assert re.search(r"- vs baseline \S+ \(test macro-F1 [0-9.]+\): difference [-+][0-9.]+", out)
+    png = store.read_bytes("figures/sweeps/lr/learning_rate.png")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and "figures/sweeps/lr/learning_rate.png" in store.read_text("results/sweeps/report.md")
 
 
 # ---------------------------------------------------------------- SageMaker (moto)

@@ -82,7 +82,7 @@ def test_mlflow_ui_lists_the_runs_in_headless_chromium(mlflow_server, tracked_sw
     from mlflow.tracking import MlflowClient
     manifest, experiment = tracked_sweep
     exp = MlflowClient(tracking_uri=mlflow_server).get_experiment_by_name(experiment)
-    url = f"{mlflow_server}/#/experiments/{exp.experiment_id}"
+    url = f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs"   # the runs tab (MLflow 3 may open on traces)
     artifacts = tmp_path/"artifacts"; artifacts.mkdir()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
