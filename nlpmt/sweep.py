@@ -22,7 +22,7 @@ __all__ = ['OBJECTIVES', 'TUNE_SCRIPT', 'SweepParam', 'parse_param', 'range_poin
            'notebook_text', 'trial_prefix', 'sweep_prefix', 'trial_records', 'read_objective', 'manifest_key',
            'choose_trial', 'write_manifest', 'read_manifest', 'list_sweeps', 'trial_spec', 'backend_runner',
            'SweepResult', 'new_sweep_id', 'run_sweep', 'format_sweep', 'tuner_ranges', 'submit_tuning_job',
-           'final_metric', 'run_sweep_sagemaker', 'cmd_sweep', 'register_cli']
+           'final_metric', 'refresh_tuning_sweep', 'run_sweep_sagemaker', 'cmd_sweep', 'register_cli']
 
 # %% ../nbs/10_sweep.ipynb #s006
 @dataclass
@@ -203,7 +203,8 @@ def choose_trial(trials: list[dict], direction: str) -> Optional[dict]:
     done = [t for t in trials if t.get("status") == "Completed" and t.get("objective") is not None]
     if not done: return None
     sign = 1 if direction == "maximize" else -1
-    return max(done, key=lambda t: (sign*t["objective"], -int(t["trial"][1:])))
+    order = {id(t): i for i, t in enumerate(trials)}
+    return max(done, key=lambda t: (sign*t["objective"], -order[id(t)]))
 
 def write_manifest(store: Store, manifest: dict) -> None:
     "Choose the best trial and write the manifest (the store writes through a temporary name)."
@@ -458,6 +459,26 @@ def final_metric(job_name: str, metric: str, client) -> Optional[float]:
         if m.get("MetricName") == metric: return float(m["Value"])
     return None
 
+def refresh_tuning_sweep(store: Store, manifest: dict, client) -> dict:
+    "Fill a bayes sweep's manifest from its SageMaker tuning job: status, and one trial per training job."
+    d = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=manifest["tuning_job"])
+    manifest["tuning_status"] = d.get("HyperParameterTuningJobStatus", "Unknown")
+    try:
+        pages = client.get_paginator("list_training_jobs_for_hyper_parameter_tuning_job").paginate(
+            HyperParameterTuningJobName=manifest["tuning_job"])
+        summaries = [s for page in pages for s in page.get("TrainingJobSummaries", [])]
+    except Exception:   # the service (or a stand-in) cannot list them: keep the best one at least
+        summaries = [d["BestTrainingJob"]] if d.get("BestTrainingJob") else []
+    status = {"InProgress": "Running"}
+    manifest["trials"] = [{"trial": s["TrainingJobName"], "run_id": s["TrainingJobName"],
+                           "params": {k: _literal(str(v).strip('"')) for k, v in (s.get("TunedHyperParameters") or {}).items()},
+                           "status": status.get(s.get("TrainingJobStatus"), s.get("TrainingJobStatus", "Unknown")),
+                           "objective": (s.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value"),
+                           "job_names": [s["TrainingJobName"]], "names": manifest["trials"][0]["names"] if manifest["trials"] else []}
+                          for s in sorted(summaries, key=lambda s: str(s.get("CreationTime", "")))]
+    write_manifest(store, manifest)
+    return manifest
+
 def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "grid", trials: Optional[int] = None,
                         objective: str = "val_macro_f1", max_parallel: int = 1, store: Optional[str] = None,
                         base_params: Optional[dict] = None, sweep_id: Optional[str] = None, grid_points: int = 3,
@@ -476,6 +497,10 @@ def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "gr
     manifest = read_manifest(target, sweep_id) or _new_manifest(
         sweep_id, stage, space, strategy, objective, direction, trials, "sagemaker", store_uri, dict(base_params or {}),
         overrides, seed, config)
+    if strategy == "bayes" and manifest.get("tuning_job"):      # the same sweep again: read where the tuning job is
+        refresh_tuning_sweep(target, manifest, client)
+        print(format_sweep(manifest) + f"\ntuning job {manifest['tuning_job']}: {manifest['tuning_status']}", file=out, flush=True)
+        return SweepResult(manifest)
     if strategy == "bayes":
         spec = trial_spec(stage, {}, dict(base_params or {}), store_uri, config, f"{sweep_id}-tuning", sweep_id,
                           "tuning", overrides, config_dir, models)[0]

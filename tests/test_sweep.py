@@ -216,3 +216,7 @@ def test_sagemaker_bayes_sweep_is_one_tuning_job_with_the_stage_metrics(s3_bucke
     channels = {c["ChannelName"] for c in job["InputDataConfig"]}
     assert {"train", "val", "test"} <= channels
     assert S3Store(uri).read_json(manifest_key("smtpe"))["tuning_job"] == req["HyperParameterTuningJobName"]
+    again = run_sweep_sagemaker("transformer", space, "bayes", trials=4, max_parallel=2, store=uri, config=config,
+                                sweep_id="smtpe", boto_session=session, client=session.client("sagemaker"), role=ROLE)
+    assert len([r for r in requests if r[0] == "CreateHyperParameterTuningJob"]) == 1   # same sweep: no second tuning job
+    assert again.manifest["tuning_status"] and S3Store(uri).read_json(manifest_key("smtpe"))["tuning_status"]
