@@ -381,7 +381,8 @@ def make_bundle(spec: JobSpec, config, dest: str | Path) -> Path:
         except ParameterError: pass
     shutil.copy2(spec.notebook, dest/"nbs"/Path(spec.notebook).name)
     shutil.copytree(config.config_dir, dest/"configs", ignore=ignore, dirs_exist_ok=True)
-    (dest/"requirements.txt").write_text("\n".join(bundle_requirements()) + "\n")
+    tracking = ["mlflow-skinny>=3.17", "sagemaker-mlflow>=0.5"] if getattr(config.project, "tracking_uri", None) else []
+    (dest/"requirements.txt").write_text("\n".join(bundle_requirements() + tracking) + "\n")   # MLflow client when tracking is on
     (dest/"nlpmt_job.sh").write_text(JOB_SCRIPT)
     dist = dest/f"nlpmt-{nlpmt.__version__}.dist-info"; dist.mkdir(exist_ok=True)
     (dist/"METADATA").write_text(f"Metadata-Version: 2.1\nName: nlpmt\nVersion: {nlpmt.__version__}\n")

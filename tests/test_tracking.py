@@ -94,3 +94,16 @@ def test_mlflow_ui_lists_the_runs_in_headless_chromium(mlflow_server, tracked_sw
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+def test_a_sagemaker_mlflow_arn_is_handled_by_the_sagemaker_mlflow_plugin_and_off_means_off(monkeypatch, tmp_path):
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from nlpmt.tracking import configured_tracking_uri, resolve_tracking_uri, start_job_run
+    arn = "arn:aws:sagemaker:us-east-1:123456789012:mlflow-tracking-server/research"
+    assert resolve_tracking_uri(arn) == arn
+    assert _tracking_store_registry._registry["arn"].__module__.startswith("sagemaker_mlflow")
+    monkeypatch.delenv("NLPMT_PROJECT__TRACKING_URI", raising=False)
+    assert configured_tracking_uri() is None                                  # the shipped default: off
+    assert start_job_run("quad", "quad", "r1", {}, str(tmp_path), None) is None
+    monkeypatch.setenv("NLPMT_PROJECT__TRACKING_URI", arn)
+    assert configured_tracking_uri() == arn
