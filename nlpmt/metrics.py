@@ -16,7 +16,8 @@ from .storage import Store, StoreError, split_hashes, SPLITS
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'STAGES', 'TOP_LEVEL_TYPES', 'SPLIT_METRIC_TYPES', 'PER_CLASS_KEYS', 'HISTORY_KEYS', 'COST_KEYS',
            'label_indices', 'classification_metrics', 'metrics_record', 'validate_metrics_record', 'results_prefix',
-           'metrics_key', 'write_metrics', 'read_metrics', 'list_metrics', 'summary_row', 'plot_confusion']
+           'models_prefix', 'in_results', 'metrics_key', 'write_metrics', 'read_metrics', 'list_metrics', 'summary_row',
+           'plot_confusion']
 
 # %% ../nbs/03a_metrics.ipynb #c005
 SCHEMA_VERSION = 1
@@ -190,6 +191,15 @@ def results_prefix() -> str:
     "Where metrics records go: `results`, or `NLPMT_RESULTS_PREFIX` (a sweep trial's own folder, so trials never overwrite the leaderboard)."
     import os
     return (os.environ.get("NLPMT_RESULTS_PREFIX") or "results").strip("/")
+
+def models_prefix() -> str:
+    "Where saved models go: `models/final`, or `NLPMT_MODELS_PREFIX` (a sweep trial's own folder)."
+    import os
+    return (os.environ.get("NLPMT_MODELS_PREFIX") or "models/final").strip("/")
+
+def in_results(key: str) -> str:
+    "A `results/...` key moved under `results_prefix()` (unchanged outside a sweep trial)."
+    return results_prefix() + key[len("results"):] if key.startswith("results/") else key
 
 def metrics_key(stage: str, model: str) -> str:
     "Store key of a model's metrics file: `results/{stage}/{model}_metrics.json`."

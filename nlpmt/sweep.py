@@ -236,7 +236,8 @@ def trial_spec(stage: str, params: dict, base_params: dict, store: str, config, 
     ovr = list(overrides) + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in params.items() if "." in k]
     specs = plan_jobs(stage, nb_params, store, None if ovr != list(overrides) else config, models=models,
                       run_id=run_id, overrides=ovr, config_dir=config_dir)
-    env = {"NLPMT_RESULTS_PREFIX": trial_prefix(sweep_id, trial), "NLPMT_SWEEP_ID": sweep_id, "NLPMT_TRIAL": trial}
+    env = {"NLPMT_RESULTS_PREFIX": trial_prefix(sweep_id, trial), "NLPMT_SWEEP_ID": sweep_id, "NLPMT_TRIAL": trial,
+           "NLPMT_MODELS_PREFIX": f"models/sweeps/{sweep_id}/{trial}"}
     return [dataclasses.replace(s, env={**s.env, **env}) for s in specs]
 
 def backend_runner(backend: str) -> Callable:
@@ -391,6 +392,7 @@ cd "$(dirname "$0")"
 PY=$(command -v python3 || command -v python)
 "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt
 export NLPMT_RESULTS_PREFIX="results/sweeps/${{NLPMT_SWEEP_ID}}/trials/${{TRAINING_JOB_NAME}}"
+export NLPMT_MODELS_PREFIX="models/sweeps/${{NLPMT_SWEEP_ID}}/${{TRAINING_JOB_NAME}}"
 exec "$PY" -m nlpmt.runner --stage {stage} --store {store} --name {name}
 """
 
@@ -425,7 +427,7 @@ def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, tri
     if spot and p.max_wait_seconds < p.max_run_seconds:
         raise ConfigError("project.max_wait_seconds must be >= project.max_run_seconds for spot training")
     session = sagemaker_session(store, config, boto_session)
-    env = {k: v for k, v in job_environment(spec).items() if k not in ("NLPMT_RUN_ID", "NLPMT_RESULTS_PREFIX", "NLPMT_TRIAL")}
+    env = {k: v for k, v in job_environment(spec).items() if k not in ("NLPMT_RUN_ID", "NLPMT_RESULTS_PREFIX", "NLPMT_MODELS_PREFIX", "NLPMT_TRIAL")}
     static = {k: as_string(v) for k, v in _cloud_params(spec).items() if k not in {q.name for q in space}}
     with _QuietSDK(), tempfile.TemporaryDirectory(prefix="nlpmt-bundle-") as tmp:
         bundle = make_bundle(spec, config, tmp)

@@ -120,7 +120,9 @@ def test_transformer_sweep_keeps_trial_results_apart_from_the_leaderboard(tmp_pa
         assert recs[t["trial"]]["params"]["learning_rate"] == t["params"]["learning_rate"]
     assert m["chosen"]["trial"] == max(recs, key=lambda k: recs[k]["validation"]["macro_f1"])
     assert m["chosen"]["params"]["learning_rate"] == 1e-2
-    assert not store.exists("results/transformer/tiny-bert_metrics.json")   # trials never overwrite the leaderboard
+    assert not store.exists("results/transformer/tiny-bert_metrics.json")   # trials never overwrite the leaderboard,
+    assert not store.exists("results/transformer/transformer_summary.csv")  # its summary, nor the saved models
+    assert not store.list("models/final") and store.exists("models/sweeps/lr/t001/tiny-bert/nlpmt_model.json")
     assert [s["sweep_id"] for s in list_sweeps(store)] == ["lr"]
     capsys.readouterr()
     assert main(["run", "baseline", "--store", str(store.root)]) == 0           # a real baseline to compare with
@@ -179,6 +181,7 @@ def test_sagemaker_grid_sweep_sends_one_training_job_per_trial(s3_bucket, captur
         assert req["EnableManagedSpotTraining"] is True and req["CheckpointConfig"]["S3Uri"].startswith(f"{uri}/models/checkpoints/smgrid-t")
         assert req["Environment"]["NLPMT_SWEEP_ID"] == "smgrid"
         assert req["Environment"]["NLPMT_RESULTS_PREFIX"] == f"results/sweeps/smgrid/trials/{req['Environment']['NLPMT_TRIAL']}"
+        assert req["Environment"]["NLPMT_MODELS_PREFIX"] == f"models/sweeps/smgrid/{req['Environment']['NLPMT_TRIAL']}"
     m = S3Store(uri).read_json(manifest_key("smgrid"))
     assert [t["status"] for t in m["trials"]] == ["Completed"] * 3 and len({t["job_names"][0] for t in m["trials"]}) == 3
 
