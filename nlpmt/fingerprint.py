@@ -8,7 +8,7 @@ Docs: https://nlpmt.github.io/nlpmt/fingerprint.html.md"""
 
 # %% ../nbs/11_fingerprint.ipynb #f004
 from __future__ import annotations
-import hashlib, json, os, re, sys
+import json, os, re, sys
 from pathlib import Path
 from typing import Iterable, Optional
 from .core import package_version, sha256_file, sha256_bytes, utc_now

@@ -8,21 +8,19 @@ Docs: https://nlpmt.github.io/nlpmt/sweep.html.md"""
 
 # %% ../nbs/10_sweep.ipynb #s004
 from __future__ import annotations
-import argparse, dataclasses, importlib, itertools, json, math, os, random, re, sys, time
-from dataclasses import dataclass, field, asdict
-from pathlib import Path
+import argparse, dataclasses, importlib, itertools, json, math, random, re, sys
+from dataclasses import dataclass, asdict
 from typing import Any, Callable, Optional
-from .core import load_config, utc_now, provenance, ConfigError, parse_override
+from .core import load_config, utc_now, provenance
 from .storage import open_store, Store, StoreError
-from .runner import ParameterError, METRIC_PREFIX, notebook_key, notebook_parameters, stage_notebook, stage_name
+from .runner import ParameterError, METRIC_PREFIX, notebook_key, stage_name
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'TUNE_SCRIPT', 'SweepParam', 'parse_param', 'range_points', 'grid_trials', 'sample_value',
-           'random_trials', 'optuna_distributions', 'optuna_study', 'ask_bayes', 'check_objective', 'metric_lines',
-           'notebook_text', 'trial_prefix', 'sweep_prefix', 'trial_records', 'read_objective', 'manifest_key',
-           'choose_trial', 'write_manifest', 'read_manifest', 'list_sweeps', 'trial_spec', 'backend_runner',
-           'SweepResult', 'new_sweep_id', 'run_sweep', 'format_sweep', 'tuner_ranges', 'submit_tuning_job',
-           'final_metric', 'refresh_tuning_sweep', 'run_sweep_sagemaker', 'cmd_sweep', 'register_cli']
+__all__ = ['OBJECTIVES', 'SweepParam', 'parse_param', 'range_points', 'grid_trials', 'sample_value', 'random_trials',
+           'optuna_distributions', 'optuna_study', 'ask_bayes', 'check_objective', 'metric_lines', 'notebook_text',
+           'trial_prefix', 'sweep_prefix', 'trial_records', 'read_objective', 'manifest_key', 'choose_trial',
+           'write_manifest', 'read_manifest', 'list_sweeps', 'trial_spec', 'backend_runner', 'SweepResult',
+           'new_sweep_id', 'run_sweep', 'format_sweep', 'cmd_sweep', 'register_cli']
 
 # %% ../nbs/10_sweep.ipynb #s006
 @dataclass
@@ -384,183 +382,6 @@ def format_sweep(manifest: dict) -> str:
     return head + "\n" + format_table(rows) + tail
 
 # %% ../nbs/10_sweep.ipynb #s027
-TUNE_SCRIPT = """#!/bin/bash
-# Entry point of the training jobs of an nlpmt tuning job: the tuner's hyper-parameters reach the runner through
-# /opt/ml/input/config/hyperparameters.json; its command-line copies of them are ignored.
-set -euo pipefail
-cd "$(dirname "$0")"
-PY=$(command -v python3 || command -v python)
-"$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt
-export NLPMT_RESULTS_PREFIX="results/sweeps/${{NLPMT_SWEEP_ID}}/trials/${{TRAINING_JOB_NAME}}"
-export NLPMT_MODELS_PREFIX="models/sweeps/${{NLPMT_SWEEP_ID}}/${{TRAINING_JOB_NAME}}"
-exec "$PY" -m nlpmt.runner --stage {stage} --store {store} --name {name}
-"""
-
-def tuner_ranges(space: list[SweepParam]) -> dict:
-    "The space as SageMaker parameter ranges (log ranges scale logarithmically)."
-    from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
-    out = {}
-    for p in space:
-        if p.is_config: raise ParameterError(f"{p.name}: a SageMaker tuning job can only vary notebook parameters")
-        scaling = "Logarithmic" if p.log else "Auto"
-        if not p.is_range: out[p.name] = CategoricalParameter([str(v) for v in p.values])
-        elif p.integer: out[p.name] = IntegerParameter(int(p.low), int(p.high), scaling_type=scaling)
-        else: out[p.name] = ContinuousParameter(float(p.low), float(p.high), scaling_type=scaling)
-    return out
-
-def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, trials: int, max_parallel: int,
-                      sweep_id: str, instance_type=None, spot=None, role=None, boto_session=None) -> str:
-    "Create the SageMaker tuning job of a bayes sweep; returns its name."
-    import tempfile
-    from nlpmt.jobs import (check_cloud_job, sagemaker_session, make_bundle, bundle_stage_arg, image_uri, job_tags,
-                            job_environment, checkpoint_prefix, _cloud_params, _role, _training_channels, _QuietSDK,
-                            as_string, JOB_OUTPUT_PREFIX)
-    from sagemaker.train import ModelTrainer
-    from sagemaker.train.tuner import HyperparameterTuner
-    from sagemaker.core.training.configs import SourceCode, Compute, OutputDataConfig, CheckpointConfig
-    from sagemaker.core.shapes import StoppingCondition
-    from nlpmt.runner import METRIC_DEFINITIONS
-    check_cloud_job(spec, config)
-    store, p = open_store(spec.store), config.project
-    role, itype = _role(config, role), instance_type or p.training_instance_type
-    spot = p.use_spot if spot is None else spot
-    if spot and p.max_wait_seconds < p.max_run_seconds:
-        raise ConfigError("project.max_wait_seconds must be >= project.max_run_seconds for spot training")
-    session = sagemaker_session(store, config, boto_session)
-    env = {k: v for k, v in job_environment(spec).items() if k not in ("NLPMT_RUN_ID", "NLPMT_RESULTS_PREFIX", "NLPMT_MODELS_PREFIX", "NLPMT_TRIAL")}
-    static = {k: as_string(v) for k, v in _cloud_params(spec).items() if k not in {q.name for q in space}}
-    with _QuietSDK(), tempfile.TemporaryDirectory(prefix="nlpmt-bundle-") as tmp:
-        bundle = make_bundle(spec, config, tmp)
-        (bundle/"nlpmt_tune.sh").write_text(TUNE_SCRIPT.format(stage=bundle_stage_arg(spec), store=spec.store, name=spec.name))
-        trainer = ModelTrainer(
-            sagemaker_session=session, role=role, base_job_name=spec.job_name, training_image=image_uri(config, itype),
-            source_code=SourceCode(source_dir=str(bundle), entry_script="nlpmt_tune.sh"),
-            compute=Compute(instance_type=itype, instance_count=p.instance_count, enable_managed_spot_training=bool(spot)),
-            stopping_condition=StoppingCondition(max_runtime_in_seconds=p.max_run_seconds,
-                                                 **({"max_wait_time_in_seconds": p.max_wait_seconds} if spot else {})),
-            output_data_config=OutputDataConfig(s3_output_path=store.url(JOB_OUTPUT_PREFIX)),
-            checkpoint_config=CheckpointConfig(s3_uri=store.url(checkpoint_prefix(spec)), local_path="/opt/ml/checkpoints"),
-            hyperparameters=static, environment=env, input_data_config=_training_channels(store))
-        tuner = HyperparameterTuner(
-            model_trainer=trainer, objective_metric_name=objective, hyperparameter_ranges=tuner_ranges(space),
-            metric_definitions=METRIC_DEFINITIONS, strategy="Bayesian",
-            objective_type="Maximize" if check_objective(objective) == "maximize" else "Minimize",
-            max_jobs=trials, max_parallel_jobs=max_parallel, early_stopping_type="Auto",
-            tags=job_tags(spec, config) + [{"Key": "nlpmt:sweep-id", "Value": sweep_id}],
-            base_tuning_job_name=f"nlpmt-{sweep_id[-11:]}".replace("_", "-")[:20])
-        name = f"nlpmt-{sweep_id[-11:]}".replace("_", "-").replace(".", "-")[:32]
-        tuner.tune(inputs=_training_channels(store), job_name=name, wait=False)
-    return name
-
-# %% ../nbs/10_sweep.ipynb #s028
-def final_metric(job_name: str, metric: str, client) -> Optional[float]:
-    "A Training job's final value of `metric` (from the metric definitions), or None."
-    try: d = client.describe_training_job(TrainingJobName=job_name)
-    except Exception: return None
-    for m in d.get("FinalMetricDataList", []) or []:
-        if m.get("MetricName") == metric: return float(m["Value"])
-    return None
-
-def refresh_tuning_sweep(store: Store, manifest: dict, client) -> dict:
-    "Fill a bayes sweep's manifest from its SageMaker tuning job: status, and one trial per training job."
-    d = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=manifest["tuning_job"])
-    manifest["tuning_status"] = d.get("HyperParameterTuningJobStatus", "Unknown")
-    try:
-        pages = client.get_paginator("list_training_jobs_for_hyper_parameter_tuning_job").paginate(
-            HyperParameterTuningJobName=manifest["tuning_job"])
-        summaries = [s for page in pages for s in page.get("TrainingJobSummaries", [])]
-    except Exception:   # the service (or a stand-in) cannot list them: keep the best one at least
-        summaries = [d["BestTrainingJob"]] if d.get("BestTrainingJob") else []
-    status = {"InProgress": "Running"}
-    manifest["trials"] = [{"trial": s["TrainingJobName"], "run_id": s["TrainingJobName"],
-                           "params": {k: _literal(str(v).strip('"')) for k, v in (s.get("TunedHyperParameters") or {}).items()},
-                           "status": status.get(s.get("TrainingJobStatus"), s.get("TrainingJobStatus", "Unknown")),
-                           "objective": (s.get("FinalHyperParameterTuningJobObjectiveMetric") or {}).get("Value"),
-                           "job_names": [s["TrainingJobName"]], "names": manifest["trials"][0]["names"] if manifest["trials"] else []}
-                          for s in sorted(summaries, key=lambda s: str(s.get("CreationTime", "")))]
-    write_manifest(store, manifest)
-    return manifest
-
-def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "grid", trials: Optional[int] = None,
-                        objective: str = "val_macro_f1", max_parallel: int = 1, store: Optional[str] = None,
-                        base_params: Optional[dict] = None, sweep_id: Optional[str] = None, grid_points: int = 3,
-                        seed: int = 0, config=None, overrides=(), config_dir: Optional[str] = None, models=None,
-                        out=None, poll: float = 30.0, wait: bool = True, boto_session=None, client=None,
-                        **submit_kw) -> SweepResult:
-    "Run a sweep as SageMaker Training jobs (grid/random), or as one SageMaker tuning job (bayes)."
-    from nlpmt.jobs import resolve_store_uri, submit_sagemaker, describe_job, sagemaker_client, TERMINAL, check_cloud_job
-    out = out or sys.stdout
-    direction = check_objective(objective)
-    config = config or load_config(config_dir, list(overrides))
-    store_uri = resolve_store_uri(store, config)
-    target = open_store(store_uri)
-    sweep_id = sweep_id or new_sweep_id(stage)
-    client = client or sagemaker_client(boto_session, config.project.region)
-    manifest = read_manifest(target, sweep_id) or _new_manifest(
-        sweep_id, stage, space, strategy, objective, direction, trials, "sagemaker", store_uri, dict(base_params or {}),
-        overrides, seed, config)
-    if strategy == "bayes" and manifest.get("tuning_job"):      # the same sweep again: read where the tuning job is
-        refresh_tuning_sweep(target, manifest, client)
-        print(format_sweep(manifest) + f"\ntuning job {manifest['tuning_job']}: {manifest['tuning_status']}", file=out, flush=True)
-        return SweepResult(manifest)
-    if strategy == "bayes":
-        spec = trial_spec(stage, {}, dict(base_params or {}), store_uri, config, f"{sweep_id}-tuning", sweep_id,
-                          "tuning", overrides, config_dir, models)[0]
-        name = submit_tuning_job(spec, config, space, objective, trials or 10, max_parallel, sweep_id,
-                                 boto_session=boto_session, **submit_kw)
-        manifest["tuning_job"] = name
-        write_manifest(target, manifest)
-        print(f"nlpmt: sweep {sweep_id}: SageMaker tuning job {name} ({trials or 10} trials, {max_parallel} at a time); "
-              f"manifest {target.url(manifest_key(sweep_id))}", file=out, flush=True)
-        return SweepResult(manifest)
-    planned = grid_trials(space, grid_points) if strategy == "grid" else random_trials(space, trials or 10, seed)
-    if strategy == "grid" and trials: planned = planned[:trials]
-    done = {t["trial"] for t in manifest["trials"] if t["status"] == "Completed"}
-    manifest["trials"] = [t for t in manifest["trials"] if t["trial"] in done]
-    queue = [i for i in range(len(planned)) if f"t{i:03d}" not in done]
-    running: dict[str, dict] = {}
-    print(f"nlpmt: sweep {sweep_id}: {len(planned)} SageMaker trials ({strategy}), {max(1, max_parallel)} at a time",
-          file=out, flush=True)
-    try:
-        while queue or running:
-            while queue and len(running) < max(1, max_parallel):
-                i = queue.pop(0); trial = f"t{i:03d}"
-                spec = trial_spec(stage, planned[i], dict(base_params or {}), store_uri, config, f"{sweep_id}-{trial}",
-                                  sweep_id, trial, overrides, config_dir, models)[0]
-                check_cloud_job(spec, config)
-                sj = submit_sagemaker(spec, config, boto_session=boto_session, **submit_kw)
-                row = {"trial": trial, "run_id": spec.run_id, "params": planned[i], "status": "Running", "objective": None,
-                       "names": [spec.name], "job_names": [sj.job_name], "notebooks": [sj.notebook_url], "started": utc_now()}
-                manifest["trials"].append(row); running[sj.job_name] = row
-                print(f"nlpmt: {trial} {json.dumps(planned[i])}: training job {sj.job_name}", file=out, flush=True)
-            write_manifest(target, manifest)
-            if not wait: break
-            for job, row in list(running.items()):
-                st = describe_job(job, client)
-                if st.status not in TERMINAL: continue
-                row["status"], row["failure"], row["ended"] = st.status, st.failure_reason, utc_now()
-                row["seconds"] = st.run_seconds
-                if st.status == "Completed":
-                    row["objective"] = final_metric(job, objective, client)
-                    if row["objective"] is None:
-                        row["objective"] = read_objective(target, sweep_id, row["trial"], row["run_id"], row["names"][0], objective)
-                del running[job]
-            write_manifest(target, manifest)
-            if running: time.sleep(poll)
-    except KeyboardInterrupt:
-        from nlpmt.jobs import stop_job
-        print(f"\nnlpmt: stopping {len(running)} SageMaker trial(s) (they get SIGTERM to checkpoint)", file=out, flush=True)
-        for job, row in running.items():
-            try: stop_job(job, client); row["status"] = "Stopped"
-            except Exception as e: print(f"nlpmt: could not stop {job}: {e}", file=out)
-        write_manifest(target, manifest)
-        print(format_sweep(manifest), file=out)
-        return SweepResult(manifest, True)
-    write_manifest(target, manifest)
-    print(format_sweep(manifest), file=out, flush=True)
-    return SweepResult(manifest)
-
-# %% ../nbs/10_sweep.ipynb #s030
 def cmd_sweep(args) -> int:
     "Run a sweep of one stage and print its trials table."
     from nlpmt.cli import config_from_args
@@ -581,6 +402,7 @@ def cmd_sweep(args) -> int:
               store=args.store, base_params=base, sweep_id=args.sweep_id, grid_points=args.grid_points, seed=args.seed,
               config=config, overrides=args.overrides, config_dir=args.config_dir, models=args.models)
     if args.backend == "sagemaker":
+        from nlpmt.sweep_sagemaker import run_sweep_sagemaker
         res = run_sweep_sagemaker(args.stage, space, poll=args.poll, wait=args.strategy != "bayes",
                                   **{k: v for k, v in _sagemaker_kw(args).items()}, **kw)
     else:

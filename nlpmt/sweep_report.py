@@ -8,13 +8,12 @@ Docs: https://nlpmt.github.io/nlpmt/sweep_report.html.md"""
 
 # %% ../nbs/13_sweep_report.ipynb #r004
 from __future__ import annotations
-import json, math
+import json
 from dataclasses import dataclass, field
 from typing import Optional
-import numpy as np
 import pandas as pd
 from .storage import Store, open_store
-from .sweep import list_sweeps, trial_records, sweep_prefix
+from .sweep import list_sweeps, trial_records
 from .report import (markdown_table, bootstrap_scores, percentile_interval, paired_bootstrap, holm_adjust, figure_png,
                           DEFAULT_N_BOOTSTRAP, DEFAULT_SEED, ALPHA)
 

@@ -9,9 +9,9 @@ Docs: https://nlpmt.github.io/nlpmt/tracking.html.md"""
 
 # %% ../nbs/12_tracking.ipynb #t004
 from __future__ import annotations
-import json, math, os, re, sys, tempfile, time
+import json, math, os, sys, tempfile, time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 # %% auto #0
 __all__ = ['configured_tracking_uri', 'resolve_tracking_uri', 'JobTracker', 'log_epoch_metrics', 'job_records', 'final_metrics',

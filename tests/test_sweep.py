@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # sibling test module
 from nlpmt.cli import main
 from nlpmt.core import load_config
 from nlpmt.storage import LocalStore, S3Store
-from nlpmt.sweep import (run_sweep, run_sweep_sagemaker, parse_param, manifest_key, read_manifest, trial_prefix,
+from nlpmt.sweep_sagemaker import run_sweep_sagemaker
+from nlpmt.sweep import (run_sweep, parse_param, manifest_key, read_manifest, trial_prefix,
                          list_sweeps)
 from nlpmt.runner import ParameterError
 
