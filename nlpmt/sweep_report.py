@@ -116,7 +116,8 @@ def sweep_markdown(s: SweepSummary) -> str:
     "The report section of one sweep."
     m = s.manifest
     lines = [f"### Sweep `{m['sweep_id']}`: {m['stage']}, {m['strategy']}, {m['objective']} ({m['direction']}d on validation)", ""]
-    lines += [markdown_table(s.trials) if len(s.trials) else "(no trials)", ""]
+    shown = s.trials.map(lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else v))
+    lines += [markdown_table(shown) if len(s.trials) else "(no trials)", ""]
     lines += [f"![{p}]({key})" for p, key in s.figures.items()] + [""]
     if not m.get("chosen"): return "\n".join(lines + ["No completed trial: nothing chosen.", ""])
     c = m["chosen"]
@@ -125,7 +126,8 @@ def sweep_markdown(s: SweepSummary) -> str:
         lines.append(f"Its test macro-F1: **{s.test['macro_f1']:.4f}** [95% bootstrap {s.test['lo']:.4f}, {s.test['hi']:.4f}], "
                      f"accuracy {s.test['accuracy']:.4f}, n = {s.test['n']}.")
         for r in s.versus.itertuples():
-            verdict = "beats it" if r.beats else "does not beat it significantly"
+            verdict = ("beats it" if r.beats else "is significantly worse" if r.diff < 0 and r.p_holm < ALPHA
+                       else "no significant difference")
             lines.append(f"- vs baseline {r.baseline} (test macro-F1 {r.baseline_test_macro_f1:.4f}): difference {r.diff:+.4f} "
                          f"[{r.lo:+.4f}, {r.hi:+.4f}], Holm-adjusted p = {r.p_holm:.3g}: {verdict}.")
         if s.versus.empty: lines.append("- no baseline evaluated on the same test examples to compare with.")
