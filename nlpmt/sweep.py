@@ -238,8 +238,9 @@ def trial_spec(stage: str, params: dict, base_params: dict, store: str, config, 
            "NLPMT_MODELS_PREFIX": f"models/sweeps/{sweep_id}/{trial}"}
     return [dataclasses.replace(s, env={**s.env, **env}) for s in specs]
 
-def backend_runner(backend: str) -> Callable:
-    "The run-many function of a backend with the local interface (`local`, or `nlpmt.<backend>.run_<backend>_many`)."
+def backend_runner(backend: str, config=None) -> Callable:
+    "The run-many function of a backend (`local`, or `nlpmt.<backend>.run_<backend>_many`), as `fn(specs, out=...)`."
+    import functools, inspect
     if backend == "local":
         from nlpmt.jobs import run_local_many
         return run_local_many
@@ -247,9 +248,11 @@ def backend_runner(backend: str) -> Callable:
     except ModuleNotFoundError: raise ParameterError(f"unknown backend {backend!r}") from None
     fn = getattr(mod, f"run_{backend}_many", None) or getattr(mod, "run_many", None)
     if fn is None: raise ParameterError(f"backend {backend!r} has no run_{backend}_many(specs, out=...) function")
+    if "config" in inspect.signature(fn).parameters:   # e.g. run_container_many(specs, config, out=...)
+        fn = functools.partial(fn, config=config)
     return fn
 
-# %% ../nbs/10_sweep.ipynb #s024
+# %% ../nbs/10_sweep.ipynb #s025
 @dataclass
 class SweepResult:
     "What a sweep did."
@@ -302,7 +305,7 @@ def run_sweep(stage: str, space: list[SweepParam], strategy: str = "grid", trial
     planned = grid_trials(space, grid_points) if strategy == "grid" else \
         random_trials(space, trials or 10, seed) if strategy == "random" else [None] * (trials or 10)
     if strategy == "grid" and trials: planned = planned[:trials]
-    run_many = run_many or backend_runner(backend)
+    run_many = run_many or backend_runner(backend, config)
     gpus = visible_gpus()
     width = max(1, min(max_parallel, len(gpus))) if len(gpus) > 1 else 1
     finished = {t["trial"] for t in manifest["trials"] if t["status"] == "Completed"}
@@ -366,7 +369,7 @@ def run_sweep(stage: str, space: list[SweepParam], strategy: str = "grid", trial
             print(f"nlpmt: sweep {sweep_id} stopped; resume with --sweep-id {sweep_id}", file=out, flush=True)
     return SweepResult(manifest, interrupted)
 
-# %% ../nbs/10_sweep.ipynb #s025
+# %% ../nbs/10_sweep.ipynb #s026
 def format_sweep(manifest: dict) -> str:
     "The trials table of a sweep, the chosen trial marked with `*`."
     from nlpmt.jobs import format_table
@@ -381,7 +384,7 @@ def format_sweep(manifest: dict) -> str:
             f"{manifest['objective']}={manifest['chosen']['objective']:.4f}") if chosen else "\nchosen: none (no completed trial)"
     return head + "\n" + format_table(rows) + tail
 
-# %% ../nbs/10_sweep.ipynb #s027
+# %% ../nbs/10_sweep.ipynb #s028
 def cmd_sweep(args) -> int:
     "Run a sweep of one stage and print its trials table."
     from nlpmt.cli import config_from_args
