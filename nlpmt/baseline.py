@@ -21,7 +21,7 @@ from .core import (BaselineModelConfig, Config, ConfigError, load_config, model_
 from .classifiers import CLASSIFIERS, ClassifierSpec, classifier_spec, spec_of, weight_params, fit_weights
 from .storage import SPLITS, Store, StoreError, read_data_report, read_split, save_figure, temp_store
 from .metrics import (classification_metrics, label_indices, list_metrics, metrics_record, plot_confusion,
-                           read_metrics, summary_row, write_metrics)
+                           read_metrics, summary_row, write_metrics, models_prefix, in_results)
 
 # %% auto #0
 __all__ = ['TFIDF_PREFIX', 'MODEL_FORMAT', 'MODEL_MARKER', 'LEGACY_ARRAYS', 'classifier_class', 'make_classifier',
@@ -295,7 +295,7 @@ def model_names(models, config: Config) -> list[str]:
 # %% ../nbs/03_baseline.ipynb #c021c
 def save_model(store: Store, name: str, pipeline, labels: Sequence[str], meta: dict) -> str:
     "Save a fitted pipeline under `models/final/{model}/` in the store (marker file last); returns the prefix."
-    prefix = f"models/final/{model_short_name(name)}"
+    prefix = f"{models_prefix()}/{model_short_name(name)}"   # models/final, or a sweep trial's folder
     store.delete(f"{prefix}/{MODEL_MARKER}")      # the folder is incomplete until the new marker lands
     with tempfile.TemporaryDirectory() as tmp:
         save_pipeline(pipeline, tmp, {"model": model_short_name(name), "model_name": name, "labels": list(labels), **meta})
@@ -365,6 +365,6 @@ def run_baseline(store: Store, config: Config, models=None, log: Optional[list] 
                                 "test_accuracy": rec["test"]["accuracy"], **provenance()}))
         records[name], figures[name] = rec, fig
     summary = _summary(store, records, report["data_hash"])
-    store.write_csv("results/baseline/baseline_summary.csv", summary)
-    keys.append("results/baseline/baseline_summary.csv")
+    store.write_csv(in_results("results/baseline/baseline_summary.csv"), summary)
+    keys.append(in_results("results/baseline/baseline_summary.csv"))
     return BaselineRun(records, summary, figures, keys, splits.log)

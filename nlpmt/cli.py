@@ -30,6 +30,7 @@ PLUGIN_COMMANDS = {
     "cost":     ("nlpmt.aws",     "estimate what a job costs"),
     "doctor":   ("nlpmt.aws",     "check everything needed to move to the cloud"),
     "data":     ("nlpmt.datasets", "inspect a raw data file or folder: fields, labels, lengths, how to prepare it"),
+    "sweep":    ("nlpmt.sweep",   "run a stage over a parameter space (grid, random, Optuna TPE), choose on validation"),
 }
 
 def add_config_options(p: argparse.ArgumentParser) -> None:

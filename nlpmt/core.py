@@ -54,6 +54,7 @@ class ProjectConfig:
     py_version: str = "py311"
     ec2_instance_type: str = "g5.xlarge"
     tags: dict[str, str] = field(default_factory=dict)
+    tracking_uri: Optional[str] = None   # MLflow: None = off; http(s)://, sqlite:///, a folder, or a SageMaker MLflow ARN
 
 @dataclass
 class DataConfig:

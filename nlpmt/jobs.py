@@ -78,6 +78,7 @@ class JobSpec:
     model: Optional[str] = None
     overrides: list = field(default_factory=list)   # config overrides (section.key=value)
     config_dir: Optional[str] = None
+    env: dict = field(default_factory=dict)         # extra environment of the job (e.g. a sweep trial's NLPMT_* variables)
 
 def resolve_store_uri(uri: Optional[str], config) -> str:
     "An explicit store URI (local paths made absolute), else the configured `project.store`."
@@ -186,7 +187,7 @@ def local_job_env(spec: JobSpec, root: Path, channels: dict[str, Path], gpu: Opt
     env = dict(os.environ if base is None else base)
     hps = {k: as_string(v) for k, v in spec.params.items()}
     env.update({"NLPMT_OPT_ML": str(root), "NLPMT_RUN_ID": spec.run_id, "NLPMT_JOB_NAME": spec.job_name,
-                "NLPMT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1", **config_env(spec.overrides)})
+                "NLPMT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1", **config_env(spec.overrides), **spec.env})
     if spec.kind == "training":
         env.update({"TRAINING_JOB_NAME": spec.job_name, "SM_MODEL_DIR": str(root/"model"),
                     "SM_OUTPUT_DIR": str(root/"output"), "SM_OUTPUT_DATA_DIR": str(root/"output"/"data"),
@@ -402,7 +403,8 @@ def make_bundle(spec: JobSpec, config, dest: str | Path) -> Path:
         except ParameterError: pass
     shutil.copy2(spec.notebook, dest/"nbs"/Path(spec.notebook).name)
     shutil.copytree(config.config_dir, dest/"configs", ignore=ignore, dirs_exist_ok=True)
-    (dest/"requirements.txt").write_text("\n".join(bundle_requirements()) + "\n")
+    tracking = ["mlflow-skinny>=3.17", "sagemaker-mlflow>=0.5"] if getattr(config.project, "tracking_uri", None) else []
+    (dest/"requirements.txt").write_text("\n".join(bundle_requirements() + tracking) + "\n")   # MLflow client when tracking is on
     (dest/"nlpmt_job.sh").write_text(JOB_SCRIPT)
     dist = dest/f"nlpmt-{nlpmt.__version__}.dist-info"; dist.mkdir(exist_ok=True)
     (dist/"METADATA").write_text(f"Metadata-Version: 2.1\nName: nlpmt\nVersion: {nlpmt.__version__}\n")
@@ -449,7 +451,7 @@ def job_tags(spec: JobSpec, config) -> list[dict]:
 def job_environment(spec: JobSpec) -> dict[str, str]:
     "Environment of a SageMaker job: run id, git commit, unbuffered output and config overrides."
     return {"NLPMT_RUN_ID": spec.run_id, "NLPMT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1",
-            **config_env(spec.overrides)}
+            **config_env(spec.overrides), **spec.env}
 
 def _role(config, role: Optional[str]) -> str:
     "The execution role: `--role`, else `project.role_arn`; a clear error when neither is set."
@@ -822,8 +824,8 @@ def pipeline_stages(out=None) -> list[str]:
 
 def run_pipeline(store: Optional[str] = None, backend: str = "local", config=None, params: Optional[dict] = None,
                  models: Optional[list] = None, run_id: Optional[str] = None, overrides: Iterable[str] = (),
-                 config_dir: Optional[str] = None, out=None, **sagemaker_kw) -> list[JobResult]:
-    "Run data -> baseline -> transformer -> report as jobs; stop at the first failure; return the job results."
+                 config_dir: Optional[str] = None, out=None, force: Iterable[str] = (), **sagemaker_kw) -> list[JobResult]:
+    "Run data -> baseline -> transformer -> report as jobs, skipping stages that are up to date; stop at the first failure."
     out = out or sys.stdout
     config = config or load_config(config_dir, list(overrides))
     stages = pipeline_stages(out)
@@ -836,7 +838,11 @@ def run_pipeline(store: Optional[str] = None, backend: str = "local", config=Non
             for spec in plans[s]: check_cloud_job(spec, config)
     results = []
     print(f"nlpmt: pipeline run {run_id}: {' -> '.join(stages)} ({backend} backend) into {plans[stages[0]][0].store}", file=out)
+    from nlpmt.fingerprint import pipeline_step_skip, pipeline_step_done   # incremental runs (10/11 notebooks)
+    upstream = {}
     for s in stages:
+        skipped = pipeline_step_skip(s, plans[s], config, force, upstream, out)
+        if skipped is not None: results += skipped; continue
         if backend == "local": batch = run_local_many(plans[s], out=out)
         elif backend == "container":
             from nlpmt.container import run_container_many
@@ -844,6 +850,7 @@ def run_pipeline(store: Optional[str] = None, backend: str = "local", config=Non
         else: batch = run_sagemaker_many(plans[s], config, out=out, **sagemaker_kw)
         results += batch
         if any(r.status != "Completed" for r in batch): break
+        pipeline_step_done(s, plans[s], batch, upstream)
     return results
 
 def run_sagemaker_many(specs: list[JobSpec], config, out=None, poll: float = 30.0, logs: bool = False, client=None,
@@ -941,7 +948,7 @@ def cmd_pipeline(args) -> int:
         kw = {**_sagemaker_kw(args), **container_kw(args)}
     try:
         results = run_pipeline(args.store, args.backend, config, dict(args.param), args.models, args.run_id,
-                               args.overrides, args.config_dir, **kw)
+                               args.overrides, args.config_dir, force=getattr(args, "force", None) or (), **kw)
     except JobInterrupted as e:
         print_summary(e.results, resolve_store_uri(args.store, config)); return 128 + e.signum
     print_summary(results, resolve_store_uri(args.store, config))
@@ -1023,6 +1030,8 @@ def register_cli(subparsers) -> None:
     if p is not None:
         _add_backend_options(p)
         p.add_argument("--logs", action="store_true", help="SageMaker: print the jobs' log lines while waiting")
+        p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
+                       help="rerun these stages (or `all`) even when their fingerprint says they are up to date")
         p.set_defaults(func=cmd_pipeline)
 
     p = add("jobs", help="list, inspect, follow and stop SageMaker jobs", description="SageMaker jobs of this project.")

@@ -15,8 +15,9 @@ from .storage import Store, StoreError, split_hashes, SPLITS
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'STAGES', 'TOP_LEVEL_TYPES', 'SPLIT_METRIC_TYPES', 'PER_CLASS_KEYS', 'HISTORY_KEYS', 'COST_KEYS',
-           'label_indices', 'classification_metrics', 'metrics_record', 'validate_metrics_record', 'metrics_key',
-           'write_metrics', 'read_metrics', 'list_metrics', 'summary_row', 'plot_confusion']
+           'label_indices', 'classification_metrics', 'metrics_record', 'validate_metrics_record', 'results_prefix',
+           'models_prefix', 'in_results', 'metrics_key', 'write_metrics', 'read_metrics', 'list_metrics', 'summary_row',
+           'plot_confusion']
 
 # %% ../nbs/03a_metrics.ipynb #c005
 SCHEMA_VERSION = 1
@@ -186,10 +187,24 @@ def validate_metrics_record(rec) -> list[str]:
     return out
 
 # %% ../nbs/03a_metrics.ipynb #c014
+def results_prefix() -> str:
+    "Where metrics records go: `results`, or `NLPMT_RESULTS_PREFIX` (a sweep trial's own folder, so trials never overwrite the leaderboard)."
+    import os
+    return (os.environ.get("NLPMT_RESULTS_PREFIX") or "results").strip("/")
+
+def models_prefix() -> str:
+    "Where saved models go: `models/final`, or `NLPMT_MODELS_PREFIX` (a sweep trial's own folder)."
+    import os
+    return (os.environ.get("NLPMT_MODELS_PREFIX") or "models/final").strip("/")
+
+def in_results(key: str) -> str:
+    "A `results/...` key moved under `results_prefix()` (unchanged outside a sweep trial)."
+    return results_prefix() + key[len("results"):] if key.startswith("results/") else key
+
 def metrics_key(stage: str, model: str) -> str:
     "Store key of a model's metrics file: `results/{stage}/{model}_metrics.json`."
     if stage not in STAGES: raise ValueError(f"stage {stage!r} is not one of {list(STAGES)}")
-    return f"results/{stage}/{model_short_name(model)}_metrics.json"
+    return f"{results_prefix()}/{stage}/{model_short_name(model)}_metrics.json"
 
 def write_metrics(store: Store, rec: dict) -> str:
     "Validate a metrics record and write it to its key in `store`; returns the key."
@@ -208,7 +223,7 @@ def read_metrics(store: Store, key: str) -> dict:
 
 def list_metrics(store: Store, stages: Sequence[str] = STAGES) -> list[str]:
     "Keys of all metrics files in `store` for the given stages."
-    return [k for s in stages for k in store.list(f"results/{s}") if k.endswith("_metrics.json")]
+    return [k for s in stages for k in store.list(f"{results_prefix()}/{s}") if k.endswith("_metrics.json")]
 
 # %% ../nbs/03a_metrics.ipynb #c017
 def summary_row(rec: dict) -> dict:

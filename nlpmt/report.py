@@ -634,6 +634,8 @@ def cmd_report(args) -> int:
     report = make_report(store, allow_mixed_data=args.allow_mixed_data, n_bootstrap=args.n_bootstrap, seed=args.seed)
     print(format_summary(report))
     for w in report.warnings: print(f"WARNING: {w}", file=sys.stderr)   # also where a pipeline log shows errors
+    from nlpmt.sweep_report import report_sweeps, sweep_markdown   # one section per sweep (nbs/13_sweep_report)
+    for s in report_sweeps(store, n_bootstrap=args.n_bootstrap, seed=args.seed): print("\n" + sweep_markdown(s))
     return 0
 
 def register_cli(subparsers) -> None:

@@ -268,6 +268,9 @@ def log_metrics(**values) -> str:
     "Print a metric line for SageMaker (and for people reading the log); returns it."
     line = metric_line(**values)
     print(line, flush=True)
+    if os.environ.get("NLPMT_MLFLOW_RUN_ID"):   # the job's MLflow run (nlpmt.tracking), when tracking is on
+        from nlpmt.tracking import log_epoch_metrics
+        log_epoch_metrics(values)
     return line
 
 # %% ../nbs/06a_runner.ipynb #c023
@@ -569,6 +572,10 @@ def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = No
     watch_parent_from_env(parent_died)
     try:
         _kernel_pythonpath()
+        from nlpmt.tracking import start_job_run, finish_job_run
+        from nlpmt.core import utc_now as _now
+        track_since = _now()
+        tracker = start_job_run(stage_name(notebook), name, run_id, values, store, job_name_from_env(folders=folders), out)
         job.start_kernel()   # it boots while the store and papermill load
         from nlpmt.storage import open_store
         from nlpmt.core import provenance, utc_now
@@ -585,13 +592,15 @@ def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = No
     record = {"run_id": run_id, "name": name, "stage": stage_name(notebook), "notebook": notebook.name,
               "job_name": job_name_from_env(folders=folders), "status": result.status, "failure": result.failure,
               "parameters": values, "started": started, "ended": utc_now(), "seconds": round(result.seconds, 2),
-              "executed_notebook": key, **provenance()}
+              "executed_notebook": key, "fingerprint": os.environ.get("NLPMT_FINGERPRINT"),
+              "sweep_id": os.environ.get("NLPMT_SWEEP_ID"), **provenance()}
     try:
         if result.output_path: target.upload_file(result.output_path, key)
         target.write_json(key[:-len(".ipynb")] + ".json", record)
     except Exception as e:
         say(f"error: could not save the executed notebook to {target.url(key)}: {e}")
         if result.status == "Completed": result.status, result.failure = "Failed", f"saving the notebook failed: {e}"
+    finish_job_run(tracker, result.status, stage_name(notebook), target, track_since, result.output_path)
     if result.status != "Completed":
         message = f"nlpmt stage '{name}' {result.status.lower()} in {result.failure}" if not result.failure.startswith("stopped") \
                   else f"nlpmt stage '{name}' {result.failure}"

@@ -24,7 +24,7 @@ from .core import Config, ConfigError, TrainingSettings, from_dict, load_config,
 from .storage import (Store, LocalStore, StoreError, open_store, read_data_report, read_split, save_figure,
                            sync, join_key, temp_store, SPLITS)
 from .metrics import (metrics_record, write_metrics, read_metrics, list_metrics, summary_row, plot_confusion,
-                           metrics_key)
+                           metrics_key, models_prefix, in_results)
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CUDA_AUTOCAST_MIN_PARAMS', 'CHECKPOINT_MARKER',
@@ -621,7 +621,7 @@ MODEL_META = "nlpmt_model.json"
 
 def final_model_prefix(model: str) -> str:
     "Store prefix of a model's final folder."
-    return f"models/final/{model_short_name(model)}"
+    return f"{models_prefix()}/{model_short_name(model)}"   # models/final, or a sweep trial's folder
 
 def save_final_model(store: Store, model, tokenizer, meta: dict) -> str:
     "Write model + tokenizer to `models/final/{model}/`, then `nlpmt_model.json`; returns the prefix."
@@ -687,7 +687,7 @@ def write_transformer_summary(store: Store) -> pd.DataFrame:
         except StoreError as e: print(f"warning: {e}; left out of {SUMMARY_KEY}", file=sys.stderr)
     df = pd.DataFrame(rows)
     if len(df): df = df.sort_values(["val_macro_f1", "model"], ascending=[False, True]).reset_index(drop=True)
-    store.write_csv(SUMMARY_KEY, df)
+    store.write_csv(in_results(SUMMARY_KEY), df)   # a sweep trial keeps its own summary
     return df
 
 @dataclass
@@ -795,7 +795,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     keys["confusion"] = save_figure(store, f"figures/results/{short}_confusion.png", plot_confusion(rec))
     keys["training_curves"] = save_figure(store, f"figures/results/{short}_training_curves.png", plot_training_curves(rec))
     summary = write_transformer_summary(store)
-    keys["summary"] = SUMMARY_KEY
+    keys["summary"] = in_results(SUMMARY_KEY)
     return TransformerRun(rec, run, str(place.folder), str(resume) if resume else None, keys, summary)
 
 # %% ../nbs/04_transformer.ipynb #c042
