@@ -131,7 +131,8 @@ def _convert(value, tp, where: str):
         for alternative in rest:                   # the first alternative the value fits, e.g. int | Literal["auto"]
             try: return _convert(value, alternative, where)
             except ConfigError: pass
-        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in rest)}, got {type(value).__name__} {value!r}")
+        wanted = " or ".join(str(list(typing.get_args(a))) if typing.get_origin(a) is Literal else _type_name(a) for a in rest)
+        raise ConfigError(f"{where}: expected {wanted}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if value in args: return value
         raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
