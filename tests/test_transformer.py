@@ -492,3 +492,13 @@ def test_tail_truncation_reads_the_end_and_auto_length_is_recorded(tiny_model, c
     assert plan["setting"] == "auto" and plan["max_length"] == 48 and plan["p95"] == 40   # rounded up to 16s
     assert plan["truncated_share"] <= 0.05 and auto.record["params"]["max_length"] == "auto"
     assert store.read_json("models/final/tiny-bert/nlpmt_model.json")["max_length"] == plan["max_length"]
+
+
+def test_job_parameters_accept_auto_length_truncation_and_class_weight():
+    "`nlpmt run transformer -p max_length auto -p truncation tail -p class_weight none` passes the runner's check."
+    from nlpmt.runner import ParameterError, check_parameters, notebook_parameters, stage_notebook
+    params = notebook_parameters(stage_notebook("transformer"))
+    values = check_parameters({"max_length": "auto", "truncation": "tail", "class_weight": "none"}, params)
+    assert values == {"max_length": "auto", "truncation": "tail", "class_weight": "none"}
+    assert check_parameters({"max_length": "96"}, params) == {"max_length": 96}
+    with pytest.raises(ParameterError, match="run_nam"): check_parameters({"run_nam": "x"}, params)
