@@ -611,7 +611,9 @@ class TransformerPredictor:
         self.batch_size, self.max_length = batch_size, int(self.meta.get("max_length", 512))
         self.truncation = self.meta.get("truncation", "head")
         # predict in the precision the model was validated in (bf16 autocast where it trained so), unless told
-        self.precision = choose_precision(precision or self.meta.get("precision", "fp32"), self.device.split(":")[0])
+        wanted, kind = precision or self.meta.get("precision", "fp32"), self.device.split(":")[0]
+        if kind == "cpu" and (wanted == "fp16" or wanted == "bf16" and not cpu_supports_bf16()): wanted = "auto"
+        self.precision = choose_precision(wanted, kind)       # e.g. a GPU's fp16 model on a CPU: what runs here
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         "Class probabilities (rows: texts, columns: `labels`)."

@@ -185,3 +185,15 @@ def test_models_in_s3_are_downloaded_and_predict_the_same(store, s3_bucket, caps
     assert json.loads(out)["predictions"] == local["predictions"]
     rc, _, err = run_cli("--model", s3.uri, "--name", "nope", "x", capsys=capsys)
     assert rc == 1 and "no saved model named 'nope'" in err
+
+
+def test_a_gpu_fp16_model_predicts_on_a_cpu(tmp_path):
+    "A model validated in fp16 on a GPU is read on a CPU in what runs there (not refused for lack of CUDA)."
+    from nlpmt.model_integrity import seal_model_folder
+    from nlpmt.transformer import load_predictor
+    folder = make_transformer_folder(tmp_path)
+    marker = json.loads((folder/"nlpmt_model.json").read_text())
+    (folder/"nlpmt_model.json").write_text(json.dumps({**marker, "precision": "fp16"}))
+    seal_model_folder(folder)
+    predictor = load_predictor(folder)
+    assert predictor.precision in ("bf16", "fp32") and len(predictor.predict(TEXTS)) == 3
