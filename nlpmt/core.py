@@ -102,7 +102,7 @@ class TrainingSettings:
     learning_rate: float = 5e-5
     batch_size: int = 32
     eval_batch_size: int = 128
-    max_length: int = 128
+    max_length: Union[int, Literal["auto"]] = 128   # tokens read per text; "auto": from the training split's lengths
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     gradient_accumulation_steps: int = 1
@@ -113,6 +113,8 @@ class TrainingSettings:
     save_total_limit: int = 2
     max_train_rows: int = 0
     seed: int = 42
+    truncation: Literal["head", "tail", "head+tail"] = "head"   # which tokens of a longer text are kept
+    class_weight: Literal["none", "balanced"] = "balanced"   # "balanced": cross-entropy weighted by n / (k * class rows)
 
 @dataclass
 class TransformerConfig(TrainingSettings):
@@ -132,7 +134,12 @@ def _convert(value, tp, where: str):
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args: return None
         rest = [a for a in args if a is not type(None)]
-        return _convert(value, rest[0] if len(rest) == 1 else Union[tuple(rest)], where)
+        if len(rest) == 1: return _convert(value, rest[0], where)
+        for alternative in rest:                   # the first alternative the value fits, e.g. int | Literal["auto"]
+            try: return _convert(value, alternative, where)
+            except ConfigError: pass
+        wanted = " or ".join(str(list(typing.get_args(a))) if typing.get_origin(a) is Literal else _type_name(a) for a in rest)
+        raise ConfigError(f"{where}: expected {wanted}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if value in args: return value
         raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")

@@ -23,22 +23,26 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .core import Config, ConfigError, TrainingSettings, from_dict, load_config, model_short_name, sha256_bytes, utc_now
 from .storage import (Store, LocalStore, StoreError, open_store, read_data_report, read_split, save_figure,
                            sync, join_key, temp_store, SPLITS)
+from .model_integrity import (check_run_name, run_lock, file_manifest, verify_model_files, RunInProgress,
+                                   WEIGHT_FILES)
+from .text_lengths import encode_texts, model_length_limit, plan_lengths, token_lengths
 from .metrics import (metrics_record, write_metrics, read_metrics, list_metrics, summary_row, plot_confusion,
                            metrics_key, models_prefix, in_results)
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'CUDA_AUTOCAST_MIN_PARAMS', 'CHECKPOINT_MARKER',
-           'SAGEMAKER_CHECKPOINT_DIR', 'MODEL_META', 'SUMMARY_KEY', 'TrainParams', 'train_params', 'ModelLoadError',
-           'resolve_model_path', 'quiet_transformers', 'load_model_and_tokenizer', 'usable_cpus', 'set_torch_threads',
-           'training_device', 'cpu_supports_bf16', 'choose_precision', 'visible_gpu_count', 'plan_parallel_runs',
-           'device_env', 'load_splits', 'subsample_train', 'EncodedTexts', 'EpochLengthSampler', 'TrainingInterrupted',
-           'run_id', 'CheckpointPlace', 'checkpoint_place', 'checkpoint_folders', 'is_complete_checkpoint',
-           'prepare_resume', 'TrainingMeter', 'ThroughputCallback', 'SpotCheckpointCallback', 'stop_on_signals',
-           'PatienceCallback', 'distributed_state', 'cpu_group', 'broadcast_from_rank0', 'SpeedLevers', 'StageTrainer',
-           'compute_metrics', 'EpochProgressCallback', 'MetricLineCallback', 'steps_per_epoch', 'total_steps',
-           'training_arguments', 'train_log', 'epoch_history', 'plot_training_curves', 'final_model_prefix',
-           'save_final_model', 'TransformerPredictor', 'load_predictor', 'write_transformer_summary', 'TransformerRun',
-           'train_transformer', 'make_tiny_bert', 'separable_texts']
+           'SAGEMAKER_CHECKPOINT_DIR', 'CLASS_WEIGHT_MODES', 'MODEL_META', 'SUMMARY_KEY', 'TrainParams', 'train_params',
+           'ModelLoadError', 'resolve_model_path', 'quiet_transformers', 'load_model_and_tokenizer', 'usable_cpus',
+           'set_torch_threads', 'training_device', 'cpu_supports_bf16', 'choose_precision', 'visible_gpu_count',
+           'plan_parallel_runs', 'device_env', 'load_splits', 'subsample_train', 'EncodedTexts', 'EpochLengthSampler',
+           'TrainingInterrupted', 'run_id', 'CheckpointPlace', 'checkpoint_place', 'checkpoint_folders',
+           'is_complete_checkpoint', 'prepare_resume', 'TrainingMeter', 'ThroughputCallback', 'SpotCheckpointCallback',
+           'stop_on_signals', 'PatienceCallback', 'distributed_state', 'cpu_group', 'broadcast_from_rank0',
+           'SpeedLevers', 'StageTrainer', 'compute_metrics', 'EpochProgressCallback', 'MetricLineCallback',
+           'steps_per_epoch', 'total_steps', 'training_arguments', 'class_weights', 'weighted_loss', 'train_log',
+           'epoch_history', 'plot_training_curves', 'final_model_prefix', 'save_final_model', 'TransformerPredictor',
+           'load_predictor', 'write_transformer_summary', 'TransformerRun', 'train_transformer', 'make_tiny_bert',
+           'separable_texts']
 
 # %% ../nbs/04_transformer.ipynb #c008
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -49,7 +53,7 @@ class TrainParams(TrainingSettings):
     model_name: str = DEFAULT_MODEL
     max_steps: int = 0
 
-_POSITIVE = ("epochs", "learning_rate", "batch_size", "eval_batch_size", "max_length", "gradient_accumulation_steps",
+_POSITIVE = ("epochs", "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
              "save_steps", "save_total_limit")
 _NON_NEGATIVE = ("weight_decay", "early_stopping_patience", "max_train_rows", "seed", "max_steps")
 
@@ -72,6 +76,8 @@ def train_params(config: "Config | None" = None, **overrides) -> TrainParams:
         if not getattr(params, name) > 0: raise ConfigError(f"transformer.{name}: must be > 0, got {getattr(params, name)!r}")
     for name in _NON_NEGATIVE:
         if getattr(params, name) < 0: raise ConfigError(f"transformer.{name}: must be >= 0, got {getattr(params, name)!r}")
+    if params.max_length != "auto" and not params.max_length > 0:
+        raise ConfigError(f"transformer.max_length: must be > 0 or 'auto', got {params.max_length!r}")
     if not 0 <= params.warmup_ratio < 1: raise ConfigError(f"transformer.warmup_ratio: must be in [0, 1), got {params.warmup_ratio!r}")
     if not params.model_name.strip(): raise ConfigError("transformer.model_name: empty model name")
     return params
@@ -209,11 +215,12 @@ def subsample_train(df: pd.DataFrame, max_rows: int, seed: int) -> pd.DataFrame:
     return sample.sort_index()
 
 class EncodedTexts(Dataset):
-    "Token ids of texts (unpadded) with their label ids; optionally stored longest-first so batches pad little."
+    "Token ids of texts (unpadded, cut to `max_length` as `truncation` says) with their label ids; optionally longest-first."
     def __init__(self, tokenizer, texts: Sequence[str], label_ids: Optional[Sequence[int]], max_length: int,
-                 sort_by_length: bool = False):
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+                 sort_by_length: bool = False, truncation: str = "head"):
+        enc, full = encode_texts(tokenizer, texts, max_length, truncation)
         lengths = [len(ids) for ids in enc["input_ids"]]
+        self.truncated_share = float(np.mean([n > max_length for n in full])) if full else 0.0
         self.order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(lengths)))
         self.lengths = [lengths[i] for i in self.order]
         keys = list(enc.keys())
@@ -571,6 +578,29 @@ def training_arguments(params: TrainParams, output_dir: Path, n_rows: int, preci
         dataloader_num_workers=lv.loader_workers, dataloader_pin_memory=device == "cuda",
         torch_compile=bool(lv.compile_mode), torch_compile_mode=lv.compile_mode or None)
 
+# %% ../nbs/04_transformer.ipynb #c033b
+CLASS_WEIGHT_MODES = ("none", "balanced")
+
+def class_weights(label_ids: Sequence[int], n_classes: int, mode: str = "balanced") -> Optional[torch.Tensor]:
+    "Per-class loss weights (`n / (k * n_c)` for 'balanced', k classes with rows; others get 0), or None for 'none'."
+    if mode not in CLASS_WEIGHT_MODES:
+        raise ConfigError(f"transformer.class_weight: {mode!r} is not one of {', '.join(CLASS_WEIGHT_MODES)}")
+    if mode == "none": return None
+    counts = np.bincount(np.asarray(label_ids, dtype=int), minlength=n_classes).astype(float)
+    present = int((counts > 0).sum())       # as scikit-learn: weights average to 1 over the training rows
+    weights = np.where(counts > 0, counts.sum() / (present * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+def weighted_loss(weights: torch.Tensor) -> Callable:
+    "A Trainer `compute_loss_func`: class-weighted cross-entropy, summed and divided by the examples in the batch."
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        total = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights.to(logits.device),
+                                                  reduction="sum", ignore_index=-100)
+        n = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+        return total / n
+    return loss
+
 # %% ../nbs/04_transformer.ipynb #c035
 def train_log(log_history: list[dict]) -> list[dict]:
     "The training-loss entries of the Trainer's log: step, epoch, loss, learning rate."
@@ -628,6 +658,7 @@ def save_final_model(store: Store, model, tokenizer, meta: dict) -> str:
     prefix = final_model_prefix(meta["model"])
     with tempfile.TemporaryDirectory(prefix="nlpmt-final-") as tmp:
         model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
+        meta = {**meta, "files": file_manifest(tmp)}     # SHA-256 of every file, checked before loading
         store.delete(join_key(prefix, MODEL_META))       # the folder is incomplete until the new description lands
         sync(LocalStore(tmp), store, dst_prefix=prefix, delete=True, progress=False)
     store.write_json(join_key(prefix, MODEL_META), meta)
@@ -635,7 +666,7 @@ def save_final_model(store: Store, model, tokenizer, meta: dict) -> str:
 
 class TransformerPredictor:
     "A saved transformer classifier: `.labels` and `.predict(texts) -> [(label, probability)]`."
-    def __init__(self, folder, device: Optional[str] = None, batch_size: int = 64):
+    def __init__(self, folder, device: Optional[str] = None, batch_size: int = 64, precision: Optional[str] = None):
         folder = Path(folder)
         meta_path = folder/MODEL_META
         if not meta_path.is_file(): raise FileNotFoundError(f"{meta_path}: not found (not an nlpmt model folder)")
@@ -643,15 +674,26 @@ class TransformerPredictor:
         if self.meta.get("kind") != "transformer":
             raise ValueError(f"{meta_path}: kind is {self.meta.get('kind')!r}, not 'transformer'")
         self.labels = list(self.meta["labels"])
-        with quiet_transformers():
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+        verify_model_files(folder, self.meta)             # a missing, changed or corrupt file is an error naming it
+        try:
+            with quiet_transformers(): self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e: raise ModelLoadError(f"{folder}: cannot load the tokenizer: {e}") from e
+        weights = next((folder/w for w in WEIGHT_FILES if (folder/w).is_file()), folder)
+        try:
+            with quiet_transformers():
+                self.model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).float()
+        except Exception as e: raise ModelLoadError(f"{weights}: cannot load the model: {e}") from e
         id2label = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         if id2label != self.labels:
             raise ValueError(f"{folder}: the model's id2label {id2label} differs from {MODEL_META} labels {self.labels}")
         self.device = device or training_device()
         self.model.to(self.device).eval()
         self.batch_size, self.max_length = batch_size, int(self.meta.get("max_length", 512))
+        self.truncation = self.meta.get("truncation", "head")
+        # predict in the precision the model was validated in (bf16 autocast where it trained so), unless told
+        wanted, kind = precision or self.meta.get("precision", "fp32"), self.device.split(":")[0]
+        if kind == "cpu" and (wanted == "fp16" or wanted == "bf16" and not cpu_supports_bf16()): wanted = "auto"
+        self.precision = choose_precision(wanted, kind)       # e.g. a GPU's fp16 model on a CPU: what runs here
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         "Class probabilities (rows: texts, columns: `labels`)."
@@ -659,9 +701,11 @@ class TransformerPredictor:
         for i, t in enumerate(texts):
             if not isinstance(t, str): raise TypeError(f"texts[{i}]: expected a string, got {type(t).__name__}")
         if not texts: return np.zeros((0, len(self.labels)), dtype=np.float32)
-        ds = EncodedTexts(self.tokenizer, texts, None, self.max_length, sort_by_length=True)
+        ds = EncodedTexts(self.tokenizer, texts, None, self.max_length, sort_by_length=True, truncation=self.truncation)
         collate, out = DataCollatorWithPadding(self.tokenizer), []
-        with torch.inference_mode():
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=dtype or torch.bfloat16,
+                                                    enabled=dtype is not None):
             for start in range(0, len(ds), self.batch_size):
                 batch = {k: v.to(self.device) for k, v in collate(ds.features[start:start + self.batch_size]).items()}
                 out.append(torch.softmax(self.model(**batch).logits.float(), -1).cpu().numpy())
@@ -710,6 +754,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
                       checkpoint_dir: str = "", run_name: str = "", num_threads: int = 0,
                       progress: bool = True, levers: Optional[SpeedLevers] = None) -> TransformerRun:
     "Fine-tune `params.model_name` on the store's splits (resuming the run's checkpoints) and write every output."
+    if run_name: check_run_name(run_name)                # becomes a folder name: refused before anything is written
     store, config = open_store(store), config or load_config()
     params = params or train_params(config)
     rank, world = distributed_state()             # (0, 1) unless started by torchrun (`nlpmt.train`)
@@ -724,79 +769,86 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     label_id = {name: i for i, name in enumerate(labels)}
     short, run = model_short_name(params.model_name), run_name or run_id(params, report["data_hash"])
     place = checkpoint_place(store, run, checkpoint_dir)
-    resume = broadcast_from_rank0(prepare_resume(place) if rank == 0 else None, group)   # process 0 tidies, all agree
-    place.folder.mkdir(parents=True, exist_ok=True)
+    with (run_lock(place.folder, run) if rank == 0 else contextlib.nullcontext()):   # process 0 holds the run; a second job is refused
+        resume = broadcast_from_rank0(prepare_resume(place) if rank == 0 else None, group)   # process 0 tidies, all agree
+        place.folder.mkdir(parents=True, exist_ok=True)
 
-    set_seed(params.seed)
-    tokenizer, model, source = load_model_and_tokenizer(params.model_name, labels)
-    device = training_device()
-    lv = (levers or SpeedLevers()).resolved(device)
-    if lv.attention: model.set_attn_implementation(lv.attention)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and params.max_length > limit:
-        raise ConfigError(f"transformer.max_length: {params.max_length} is more than {params.model_name!r} accepts ({limit})")
-    data = {"train": EncodedTexts(tokenizer, train_df["text"], train_df["label"].map(label_id), params.max_length),
-            **{s: EncodedTexts(tokenizer, splits[s]["text"], splits[s]["label"].map(label_id), params.max_length,
-                               sort_by_length=True) for s in ("val", "test")}}
-    precision = choose_precision(params.precision, device, sum(p.numel() for p in model.parameters()))
-    meter = TrainingMeter.from_checkpoint(resume)
-    wall_before = meter.wall_seconds
-    spot = SpotCheckpointCallback(run, params.save_steps, steps_per_epoch(len(train_df), params, world), meter,
-                                  place.mirror if rank == 0 else None, world, group)
-    callbacks = [spot, ThroughputCallback(meter), MetricLineCallback()]
-    if params.early_stopping_patience: callbacks.append(PatienceCallback(params.early_stopping_patience))
-    trainer = StageTrainer(
-        model=model, args=training_arguments(params, place.folder, len(train_df), precision, device, progress and rank == 0,
-                                             world, lv),
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=lv.bucket or None),
-        train_dataset=data["train"], eval_dataset=data["val"], processing_class=tokenizer,
-        compute_metrics=compute_metrics, callbacks=callbacks, meter=meter, group_by_length=params.group_by_length)
-    for cb in (ProgressCallback, PrinterCallback): trainer.remove_callback(cb)
-    if progress and rank == 0: trainer.add_callback(EpochProgressCallback)
-    gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else f" ({threads} thread{'s' * (threads > 1)})"
-    procs = f" x {world} processes (DDP)" if world > 1 else ""
-    if rank == 0:
-        print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params, world):,} steps on {device}{gpu}"
-              f"{procs}, {precision}; run {run}, checkpoints in {place.folder}" +
-              (f"; resuming from {resume.name}" if resume else ""), flush=True)
+        set_seed(params.seed)
+        tokenizer, model, source = load_model_and_tokenizer(params.model_name, labels)
+        device = training_device()
+        lv = (levers or SpeedLevers()).resolved(device)
+        if lv.attention: model.set_attn_implementation(lv.attention)
+        lengths = plan_lengths(params.max_length, token_lengths(tokenizer, train_df["text"]),
+                               model_length_limit(model.config, tokenizer), params.truncation)
+        if rank == 0: print(f"{short}: {lengths.describe()}", flush=True)
+        data = {"train": EncodedTexts(tokenizer, train_df["text"], train_df["label"].map(label_id), lengths.max_length,
+                                      truncation=params.truncation),
+                **{s: EncodedTexts(tokenizer, splits[s]["text"], splits[s]["label"].map(label_id), lengths.max_length,
+                                   sort_by_length=True, truncation=params.truncation) for s in ("val", "test")}}
+        weights = class_weights(train_df["label"].map(label_id), len(labels), params.class_weight)
+        precision = choose_precision(params.precision, device, sum(p.numel() for p in model.parameters()))
+        meter = TrainingMeter.from_checkpoint(resume)
+        wall_before = meter.wall_seconds
+        spot = SpotCheckpointCallback(run, params.save_steps, steps_per_epoch(len(train_df), params, world), meter,
+                                      place.mirror if rank == 0 else None, world, group)
+        callbacks = [spot, ThroughputCallback(meter), MetricLineCallback()]
+        if params.early_stopping_patience: callbacks.append(PatienceCallback(params.early_stopping_patience))
+        trainer = StageTrainer(
+            model=model, args=training_arguments(params, place.folder, len(train_df), precision, device, progress and rank == 0,
+                                                 world, lv),
+            data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=lv.bucket or None),
+            train_dataset=data["train"], eval_dataset=data["val"], processing_class=tokenizer,
+            compute_metrics=compute_metrics, callbacks=callbacks, meter=meter, group_by_length=params.group_by_length,
+            compute_loss_func=weighted_loss(weights) if weights is not None else None)
+        for cb in (ProgressCallback, PrinterCallback): trainer.remove_callback(cb)
+        if progress and rank == 0: trainer.add_callback(EpochProgressCallback)
+        gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else f" ({threads} thread{'s' * (threads > 1)})"
+        procs = f" x {world} processes (DDP)" if world > 1 else ""
+        if rank == 0:
+            print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params, world):,} steps on {device}{gpu}"
+                  f"{procs}, {precision}; run {run}, checkpoints in {place.folder}" +
+                  (f"; resuming from {resume.name}" if resume else ""), flush=True)
 
-    t0 = time.perf_counter()
-    with stop_on_signals(spot), quiet_transformers():
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if (spot.stopping if world > 1 else spot.stop_signal):
-        raise TrainingInterrupted(f"training of {short} stopped by {spot.stop_signal} at step {trainer.state.global_step}; "
-                                  f"checkpoint written to {place.folder}" +
-                                  (f" (mirrored to {store.url(place.mirror_prefix)})" if place.mirror_store else "") +
-                                  "; run the same job again to resume")
-    fit_seconds = wall_before + time.perf_counter() - t0                 # all sessions of the run together
-    val_pred = _predict(trainer, data["val"])
-    t1 = time.perf_counter()
-    test_pred = _predict(trainer, data["test"])                       # the only look at the test split
-    predict_seconds = time.perf_counter() - t1
-    if rank != 0:          # every process trained and predicted (collectives); process 0 alone writes
-        return TransformerRun({}, run, str(place.folder), str(resume) if resume else None, {}, pd.DataFrame())
-    examples = meter.examples * world                                  # equal shares (the Trainer evens the batches out)
+        t0 = time.perf_counter()
+        with stop_on_signals(spot), quiet_transformers():
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if (spot.stopping if world > 1 else spot.stop_signal):
+            raise TrainingInterrupted(f"training of {short} stopped by {spot.stop_signal} at step {trainer.state.global_step}; "
+                                      f"checkpoint written to {place.folder}" +
+                                      (f" (mirrored to {store.url(place.mirror_prefix)})" if place.mirror_store else "") +
+                                      "; run the same job again to resume")
+        fit_seconds = wall_before + time.perf_counter() - t0                 # all sessions of the run together
+        val_pred = _predict(trainer, data["val"])
+        t1 = time.perf_counter()
+        test_pred = _predict(trainer, data["test"])                       # the only look at the test split
+        predict_seconds = time.perf_counter() - t1
+        if rank != 0:          # every process trained and predicted (collectives); process 0 alone writes
+            return TransformerRun({}, run, str(place.folder), str(resume) if resume else None, {}, pd.DataFrame())
+        examples = meter.examples * world                                  # equal shares (the Trainer evens the batches out)
 
-    history = epoch_history(trainer.state.log_history)
-    extra = {"train_examples_per_second": examples / meter.seconds if meter.seconds > 0 else None,
-             "train_seconds": meter.seconds, "train_examples": examples, "world_size": world, "levers": asdict(lv), "train_log": train_log(trainer.state.log_history), "run": run,
-             "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
-             "steps": trainer.state.global_step, "best_step": getattr(trainer.state, "best_global_step", None),
-             "precision": precision, "device": device + gpu + procs, "model_source": source}
-    rec = metrics_record(params.model_name, "transformer", labels,
-                         splits["val"]["label"].tolist(), [labels[i] for i in val_pred],
-                         splits["test"]["label"].tolist(), [labels[i] for i in test_pred],
-                         fit_seconds=fit_seconds, predict_seconds=predict_seconds, train_rows=len(train_df),
-                         data_report=report, config=config, params=asdict(params), history=history, extra=extra)
-    keys = {"metrics": write_metrics(store, rec)}
-    meta = {"kind": "transformer", "model": short, "model_name": params.model_name, "labels": labels,
-            "created": utc_now(), "max_length": params.max_length, "run": run, "metrics": keys["metrics"]}
-    with quiet_transformers(): keys["model"] = save_final_model(store, trainer.model, tokenizer, meta)
-    keys["confusion"] = save_figure(store, f"figures/results/{short}_confusion.png", plot_confusion(rec))
-    keys["training_curves"] = save_figure(store, f"figures/results/{short}_training_curves.png", plot_training_curves(rec))
-    summary = write_transformer_summary(store)
-    keys["summary"] = in_results(SUMMARY_KEY)
-    return TransformerRun(rec, run, str(place.folder), str(resume) if resume else None, keys, summary)
+        history = epoch_history(trainer.state.log_history)
+        extra = {"train_examples_per_second": examples / meter.seconds if meter.seconds > 0 else None,
+                 "train_seconds": meter.seconds, "train_examples": examples, "world_size": world, "levers": asdict(lv),
+                 "train_log": train_log(trainer.state.log_history), "run": run,
+                 "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
+                 "steps": trainer.state.global_step, "best_step": getattr(trainer.state, "best_global_step", None),
+                 "precision": precision, "device": device + gpu + procs, "model_source": source,
+                 "length_plan": asdict(lengths), "class_weights": None if weights is None else weights.tolist()}
+        rec = metrics_record(params.model_name, "transformer", labels,
+                             splits["val"]["label"].tolist(), [labels[i] for i in val_pred],
+                             splits["test"]["label"].tolist(), [labels[i] for i in test_pred],
+                             fit_seconds=fit_seconds, predict_seconds=predict_seconds, train_rows=len(train_df),
+                             data_report=report, config=config, params=asdict(params), history=history, extra=extra)
+        keys = {"metrics": write_metrics(store, rec)}
+        meta = {"kind": "transformer", "model": short, "model_name": params.model_name, "labels": labels,
+                "created": utc_now(), "max_length": lengths.max_length, "truncation": params.truncation,
+                "precision": precision, "run": run, "metrics": keys["metrics"]}
+        with quiet_transformers(): keys["model"] = save_final_model(store, trainer.model, tokenizer, meta)
+        keys["confusion"] = save_figure(store, f"figures/results/{short}_confusion.png", plot_confusion(rec))
+        keys["training_curves"] = save_figure(store, f"figures/results/{short}_training_curves.png", plot_training_curves(rec))
+        summary = write_transformer_summary(store)
+        keys["summary"] = in_results(SUMMARY_KEY)
+        return TransformerRun(rec, run, str(place.folder), str(resume) if resume else None, keys, summary)
 
 # %% ../nbs/04_transformer.ipynb #c042
 def make_tiny_bert(folder, texts: Sequence[str], vocab_size: int = 300, hidden_size: int = 64, layers: int = 2,

@@ -106,26 +106,72 @@ def test_single_model_store_needs_no_name(store):
     assert result["model"] == "linear_svm"
 
 
-def test_transformer_models_dispatch_to_the_transformer_loader(tmp_path, capsys):
-    "A tiny random BERT classifier saved per the saved-model contract is loaded by nlpmt.transformer."
+def make_transformer_folder(root: Path) -> Path:
+    "A tiny random BERT classifier saved per the saved-model contract (marker with its file manifest)."
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from nlpmt.model_integrity import seal_model_folder
     words = sorted({w for t in TEXTS for w in t.lower().split()})
-    (tmp_path/"vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path/"vocab.txt"))
+    root.mkdir(parents=True, exist_ok=True)
+    (root/"vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root/"vocab.txt"))
     labels = ["World", "Sports", "Business", "Sci/Tech"]
     cfg = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64, num_labels=4,
                      id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    folder = tmp_path/"models"/"final"/"tiny-bert"
+    folder = root/"models"/"final"/"tiny-bert"
     BertForSequenceClassification(cfg).save_pretrained(folder); tokenizer.save_pretrained(folder)
     (folder/"nlpmt_model.json").write_text(json.dumps({"kind": "transformer", "model": "tiny-bert",
                                                        "model_name": "tiny-bert", "labels": labels, "max_length": 64,
                                                        "created": "2025-01-01T00:00:00+00:00"}))
+    seal_model_folder(folder)
+    return folder
+
+
+def test_transformer_models_dispatch_to_the_transformer_loader(tmp_path, capsys):
+    "A tiny random BERT classifier saved per the saved-model contract is loaded by nlpmt.transformer."
+    make_transformer_folder(tmp_path)
     rc, out, err = run_cli("--model", str(tmp_path), "--name", "tiny-bert", "--json", *TEXTS, capsys=capsys)
     assert rc == 0, err
     result = json.loads(out)
     assert result["kind"] == "transformer" and len(result["predictions"]) == 3
-    assert all(p["label"] in labels and 0 < p["score"] <= 1 for p in result["predictions"])
+    assert all(p["label"] in ["World", "Sports", "Business", "Sci/Tech"] and 0 < p["score"] <= 1
+               for p in result["predictions"])
+
+
+def _flip_bytes(path: Path, at: int = 4096, n: int = 64) -> None:
+    "Overwrite `n` bytes in the middle of a file (a corrupt download or disk)."
+    data = bytearray(path.read_bytes())
+    at = min(at, len(data) - n)
+    data[at:at + n] = bytes(255 - b for b in data[at:at + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f/"tokenizer.json").unlink(), "tokenizer.json: missing"),
+    (lambda f: _flip_bytes(f/"model.safetensors"), "model.safetensors: SHA-256 differs"),
+    (lambda f: (f/"config.json").write_text((f/"config.json").read_text().replace('"Sports"', '"Politics"')),
+     "config.json: SHA-256 differs"),
+    (lambda f: (f/"nlpmt_model.json").write_text(json.dumps({k: v for k, v in json.loads(
+        (f/"nlpmt_model.json").read_text()).items() if k != "files"})), "no file manifest"),
+])
+def test_damaged_transformer_folder_is_an_error_naming_the_file(tmp_path, capsys, damage, message):
+    "Missing tokenizer, corrupt weights, a changed file or no manifest: exit 1 and the file named, no predictions."
+    folder = make_transformer_folder(tmp_path)
+    damage(folder)
+    rc, out, err = run_cli("--model", str(folder), *TEXTS, capsys=capsys)
+    assert rc == 1 and out == "", out
+    assert message in err and str(folder) in err, err
+
+
+def test_corrupt_weights_with_a_matching_manifest_still_name_the_file(tmp_path, capsys):
+    "Weights that are unreadable although the manifest was rewritten to match: the load error names the file."
+    from nlpmt.model_integrity import seal_model_folder
+    folder = make_transformer_folder(tmp_path)
+    (folder/"model.safetensors").write_bytes(b"\x00" * 100)
+    seal_model_folder(folder)
+    rc, out, err = run_cli("--model", str(folder), *TEXTS, capsys=capsys)
+    assert rc == 1 and out == ""
+    assert f"{folder/'model.safetensors'}: cannot load the model" in err, err
 
 
 @pytest.mark.aws
@@ -139,3 +185,15 @@ def test_models_in_s3_are_downloaded_and_predict_the_same(store, s3_bucket, caps
     assert json.loads(out)["predictions"] == local["predictions"]
     rc, _, err = run_cli("--model", s3.uri, "--name", "nope", "x", capsys=capsys)
     assert rc == 1 and "no saved model named 'nope'" in err
+
+
+def test_a_gpu_fp16_model_predicts_on_a_cpu(tmp_path):
+    "A model validated in fp16 on a GPU is read on a CPU in what runs there (not refused for lack of CUDA)."
+    from nlpmt.model_integrity import seal_model_folder
+    from nlpmt.transformer import load_predictor
+    folder = make_transformer_folder(tmp_path)
+    marker = json.loads((folder/"nlpmt_model.json").read_text())
+    (folder/"nlpmt_model.json").write_text(json.dumps({**marker, "precision": "fp16"}))
+    seal_model_folder(folder)
+    predictor = load_predictor(folder)
+    assert predictor.precision in ("bf16", "fp32") and len(predictor.predict(TEXTS)) == 3

@@ -389,3 +389,116 @@ def test_each_validation_prints_a_metric_line_sagemaker_can_parse(tiny_model, co
     assert found["epoch"] == [h["epoch"] for h in history] == [1.0, 2.0]
     assert found["val_macro_f1"] == pytest.approx([h["val_macro_f1"] for h in history], abs=1e-4)
     assert len(found["train_loss"]) == 2 and all(v > 0 for v in found["train_loss"])
+
+
+# ---------------------------------------------------------------- run names, concurrent runs (issue 11)
+
+@pytest.mark.parametrize("bad", ["../../../../../x", "a/b", "/tmp/nlpmt-escape", "..", ".x", "a\\b"])
+def test_unsafe_run_name_is_refused_before_anything_is_written(tmp_path, config, bad):
+    from nlpmt.storage import UnsafeKeyError
+    store = LocalStore(tmp_path/"store")
+    with pytest.raises(UnsafeKeyError, match="transformer.run_name"):
+        train_transformer(store, train_params(config), config, run_name=bad)
+    assert not (tmp_path/"store").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_run_name_escaping_the_store_fails_the_job_and_writes_nothing_outside(tmp_path, tiny_model):
+    "`nlpmt run transformer -p run_name ../../../../../x`: non-zero exit, the error names run_name, nothing outside."
+    from nlpmt.cli import main
+    root = tmp_path/"a"/"b"/"c"/"d"/"e"
+    store = LocalStore(root/"store"); seed_store(store, n=60)
+    rc = main(["run", "transformer", "--store", str(store.root), "--config-dir", str(ROOT/"configs"),
+               "-p", "model_name", str(tiny_model), "-p", "run_name", "../../../../../x"])
+    assert rc != 0
+    outside = [p for p in tmp_path.rglob("*") if root/"store" not in p.parents and p != root/"store"
+               and p not in (root/"store").parents]
+    assert outside == [], outside
+    assert not list((root/"store").rglob("checkpoint-*")) and not store.exists("models/final/tiny-bert/nlpmt_model.json")
+    logs = [p.read_text(errors="replace") for p in (root/"store"/"results"/"notebooks").rglob("*") if p.is_file()]
+    assert any("transformer.run_name '../../../../../x'" in text for text in logs)
+
+
+def test_second_run_of_the_same_job_is_refused_while_the_first_trains(resumable, tmp_path, config):
+    "Same model, parameters and data at once: the second is refused (naming the holder); the first is undisturbed."
+    from nlpmt.model_integrity import RunInProgress
+    params, data, run, ref_store, reference = resumable
+    store = LocalStore(tmp_path/"store"); shutil.copytree(data, store.root)
+    ckpt = tmp_path/"ckpt"
+    proc = start_training(store.root, params, ckpt)
+    try:
+        wait_for_checkpoint(ckpt/run, proc, min_step=5)
+        with pytest.raises(RunInProgress, match=rf"in use by another training process \(pid {proc.pid} "):
+            train_transformer(store, train_params(config, **params), config, checkpoint_dir=str(ckpt), num_threads=1,
+                              progress=False)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert_same_run(store.read_json(metrics_key("transformer", "tiny-bert")), reference, store, ref_store)
+
+
+# ---------------------------------------------------------------- class weights, max_length auto, truncation (issue 14)
+
+def test_balanced_class_weights_are_applied_and_recorded(tiny_model, config, tmp_path):
+    "On skewed data the weighted loss differs from the plain one from the first step; the weights are recorded."
+    df = separable_texts(400, seed=3)
+    skewed = pd.concat([df[df.label != "science"], df[df.label == "science"].head(12)]).reset_index(drop=True)
+    losses = {}
+    for mode in ("none", "balanced"):
+        store = LocalStore(tmp_path/mode); seed_store(store)
+        # rewrite the training split skewed (the contract's hashes follow)
+        report = store.read_json(DATA_REPORT_KEY)
+        key = report["splits"]["train"]["key"]
+        data = skewed.to_csv(index=False, lineterminator="\n").encode(); store.write_bytes(key, data)
+        report["splits"]["train"].update(sha256=sha256_bytes(data), rows=len(skewed))
+        store.write_json(DATA_REPORT_KEY, report)
+        rec = train_transformer(store, train_params(config, model_name=str(tiny_model), **{**TINY, "epochs": 1},
+                                                    max_steps=3, class_weight=mode), config,
+                                num_threads=1, progress=False).record
+        losses[mode] = [e["loss"] for e in rec["train_log"]]
+        assert rec["params"]["class_weight"] == mode
+        if mode == "none": assert rec["class_weights"] is None
+    weights = dict(zip(rec["labels"], rec["class_weights"]))
+    counts = skewed["label"].value_counts()
+    assert weights["science"] == pytest.approx(len(skewed) / (3 * counts["science"]), rel=1e-5) and weights["science"] > 5
+    assert losses["none"][0] != pytest.approx(losses["balanced"][0], rel=1e-3)
+
+
+def test_tail_truncation_reads_the_end_and_auto_length_is_recorded(tiny_model, config, tmp_path):
+    "Class words at the end of long texts: tail truncation learns them, head does not; auto picks from the train split."
+    store = LocalStore(tmp_path/"store"); seed_store(store)
+    report = store.read_json(DATA_REPORT_KEY)
+    for split in SPLITS:                    # 30 shared words, then the text with its class words
+        key = report["splits"][split]["key"]
+        df = store.read_csv(key); df["text"] = "the a of and to in on for with today " * 3 + df["text"]
+        data = df.to_csv(index=False, lineterminator="\n").encode(); store.write_bytes(key, data)
+        report["splits"][split]["sha256"] = sha256_bytes(data)
+    report["data_hash"] = sha256_bytes(json.dumps(report["splits"], sort_keys=True).encode())
+    store.write_json(DATA_REPORT_KEY, report)
+    scores = {}
+    for side in ("head", "tail"):
+        run = train_transformer(store, train_params(config, model_name=str(tiny_model), **{**TINY, "max_length": 12},
+                                                    truncation=side), config, num_threads=1, progress=False)
+        scores[side] = run.record["validation"]["macro_f1"]
+        assert run.record["length_plan"]["truncated_share"] == 1.0
+    assert scores["tail"] > 0.8 and scores["head"] < 0.6, scores
+    meta = store.read_json("models/final/tiny-bert/nlpmt_model.json")
+    assert (meta["max_length"], meta["truncation"]) == (12, "tail")
+    predictor = load_predictor(store.local_path("models/final/tiny-bert"))
+    assert (predictor.max_length, predictor.truncation) == (12, "tail")
+    auto = train_transformer(store, train_params(config, model_name=str(tiny_model), **{**TINY, "epochs": 1, "max_length": "auto"},
+                                                 max_steps=2), config, num_threads=1, progress=False)
+    plan = auto.record["length_plan"]
+    assert plan["setting"] == "auto" and plan["max_length"] == 48 and plan["p95"] == 40   # rounded up to 16s
+    assert plan["truncated_share"] <= 0.05 and auto.record["params"]["max_length"] == "auto"
+    assert store.read_json("models/final/tiny-bert/nlpmt_model.json")["max_length"] == plan["max_length"]
+
+
+def test_job_parameters_accept_auto_length_truncation_and_class_weight():
+    "`nlpmt run transformer -p max_length auto -p truncation tail -p class_weight none` passes the runner's check."
+    from nlpmt.runner import ParameterError, check_parameters, notebook_parameters, stage_notebook
+    params = notebook_parameters(stage_notebook("transformer"))
+    values = check_parameters({"max_length": "auto", "truncation": "tail", "class_weight": "none"}, params)
+    assert values == {"max_length": "auto", "truncation": "tail", "class_weight": "none"}
+    assert check_parameters({"max_length": "96"}, params) == {"max_length": 96}
+    with pytest.raises(ParameterError, match="run_nam"): check_parameters({"run_nam": "x"}, params)
