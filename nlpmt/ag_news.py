@@ -43,7 +43,7 @@ def _exists(path: str, store: Optional[Store]) -> bool:
 
 def ag_news_layout(cfg: DataConfig, classes_path: str) -> DataConfig:
     "`cfg` with the AG News CSV layout (keeps text fields that are AG News columns and explicit label names)."
-    fields = [f for f in cfg.text_fields if f in AG_NEWS_LAYOUT["columns"][1:]] or ["title", "description"]
+    fields = [f for f in (cfg.text_fields or []) if f in AG_NEWS_LAYOUT["columns"][1:]] or ["title", "description"]
     names_file = None if cfg.label_names else (cfg.label_names_file or classes_path)
     return dataclasses.replace(cfg, **AG_NEWS_LAYOUT, text_fields=fields, label_names_file=names_file)
 

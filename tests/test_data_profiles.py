@@ -87,6 +87,18 @@ def test_a_raw_path_alone_takes_nothing_from_the_default_profile(tmp_path, ag_ne
     assert ag["dataset"]["profile"] == "ag_news" and ag["dataset"]["file"] == str(ROOT/"configs"/"datasets"/"ag_news.yaml")
 
 
+
+def test_a_headerless_csv_with_classes_txt_beside_it_reads_in_the_ag_news_layout(tmp_path):
+    "A raw_path to an AG-News-shaped CSV plus label_names_file (as a SageMaker job passes them) needs no text_fields."
+    folder = tmp_path/"raw"; folder.mkdir()
+    rows = [f'{1 + i % 3},"title {i} {w}","description {i} about {w} things"' for i in range(90) for w in [("world", "sport", "money")[i % 3]]]
+    (folder/"news.csv").write_text("\n".join(rows) + "\n")
+    (folder/"classes.txt").write_text("World\nSports\nBusiness\n")
+    report = prepare_data(load_config(), data.temp_store(), progress=False, raw_path=str(folder/"news.csv"),
+                          label_names_file=str(folder/"classes.txt"), text_fields=None)
+    assert report["labels"] == ["Business", "Sports", "World"] or set(report["labels"]) == {"World", "Sports", "Business"}
+    assert report["config"]["text_fields"] == ["title", "description"]
+
 def test_dataset_by_name_by_file_and_unknown(tmp_path):
     write_own_data(tmp_path)
     prof = tmp_path/"reviews.yaml"
