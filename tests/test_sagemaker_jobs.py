@@ -233,7 +233,8 @@ def test_cli_run_prints_job_and_results_location_then_jobs_commands(store_uri, a
 
     logs = boto3.client("logs")
     group = "/aws/sagemaker/TrainingJobs"
-    logs.create_log_group(logGroupName=group)
+    try: logs.create_log_group(logGroupName=group)
+    except logs.exceptions.ResourceAlreadyExistsException: pass   # the session's moto server is shared (container jobs log there too)
     now = int(time.time() * 1000)
     for stream, events in ((f"{name}/algo-1-1", [(now, "nlpmt-runner: cell 1/5"), (now + 20, "nlpmt-metric epoch=1 train_loss=0.5000")]),
                            (f"{name}/algo-2-1", [(now + 10, "second instance says hi")])):
