@@ -7,15 +7,15 @@ Docs: https://nlpmt.github.io/nlpmt/model_integrity.html.md"""
 
 # %% ../nbs/04a_model_integrity.ipynb #i003
 from __future__ import annotations
-import contextlib, errno, fcntl, json, os, re, socket, sys, time
+import contextlib, errno, fcntl, hashlib, json, os, re, socket, sys, tempfile, time
 from pathlib import Path
 from typing import Iterator, Optional
 from .core import sha256_file, utc_now
 from .storage import UnsafeKeyError, check_key
 
 # %% auto #0
-__all__ = ['RUN_LOCK_FILE', 'MODEL_MARKER', 'WEIGHT_FILES', 'check_run_name', 'RunInProgress', 'run_lock', 'ModelIntegrityError',
-           'file_manifest', 'verify_model_files', 'seal_model_folder']
+__all__ = ['RUN_LOCK_DIR', 'MODEL_MARKER', 'WEIGHT_FILES', 'check_run_name', 'run_lock_path', 'RunInProgress', 'run_lock',
+           'ModelIntegrityError', 'file_manifest', 'verify_model_files', 'seal_model_folder']
 
 # %% ../nbs/04a_model_integrity.ipynb #i006
 _RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -30,7 +30,12 @@ def check_run_name(name: str, what: str = "run_name") -> str:
     return name
 
 # %% ../nbs/04a_model_integrity.ipynb #i009
-RUN_LOCK_FILE = ".nlpmt-run.lock"
+RUN_LOCK_DIR = "nlpmt-run-locks"   # below tempfile.gettempdir(): one lock file per checkpoint folder
+
+def run_lock_path(folder: str | Path) -> Path:
+    "The lock file of a run's checkpoint folder (outside it, so it is never mirrored with the checkpoints)."
+    digest = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir())/RUN_LOCK_DIR/f"{digest}.lock"
 
 class RunInProgress(RuntimeError):
     "Another process is training the same run (same checkpoint folder) right now."
@@ -45,7 +50,7 @@ def _lock_holder(path: Path) -> str:
 def run_lock(folder: str | Path, run: str) -> Iterator[Path]:
     "Hold the exclusive lock of a run's checkpoint folder for the block; `RunInProgress` if another process holds it."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    path = folder/RUN_LOCK_FILE
+    path = run_lock_path(folder); path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
