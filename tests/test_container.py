@@ -118,6 +118,13 @@ def test_failing_notebook_ends_failed_with_the_reason_from_opt_ml_output_failure
     assert store.list(f"models/output/{res.job_name}/output") == [f"models/output/{res.job_name}/output/output.tar.gz"]
 
 
+def job_cell_number(notebook: str) -> int:
+    "The 1-based number, among code cells, of a stage notebook's job cell (the runner's `code cell N/M` lines)."
+    cells = json.loads((ROOT/"nbs"/notebook).read_text())["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    return next(i + 1 for i, src in enumerate(code) if "job_params = " in src)
+
+
 @pytest.mark.slow
 def test_processing_job_interrupted_stops_cleanly_or_finishes_nothing_half_written(s3_bucket, ag_news_dir):
     "The data stage as a Processing job, SIGTERM while its job cell writes: Stopped or Completed, data/processed whole."
@@ -127,7 +134,8 @@ def test_processing_job_interrupted_stops_cleanly_or_finishes_nothing_half_writt
     config = load_config()
     spec = plan_jobs("data", {"raw_path": "data/raw/test.csv", "label_names_file": "data/raw/classes.txt"}, store=uri, config=config)[0]
     out = io.StringIO()
-    res = run_container(spec, config, out=out, interruption=Interruption(on_line=r"nlpmt-runner: code cell 34/", grace_seconds=60))
+    res = run_container(spec, config, out=out, interruption=Interruption(on_line=rf"nlpmt-runner: code cell {job_cell_number('02_data.ipynb')}/",
+                                                                       grace_seconds=60))
     log = out.getvalue()
     assert "simulated spot interruption: SIGTERM to the container's PID 1" in log, log[-3000:]
     assert res.status in ("Stopped", "Completed"), log[-3000:]
