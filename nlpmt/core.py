@@ -61,7 +61,7 @@ class DataConfig:
     "Split settings (`configs/data_config.yaml`) and the dataset's fields (its profile `configs/datasets/NAME.yaml`; None: unset)."
     raw_path: Optional[str] = None          # file, folder, store key or s3://; None: from the dataset profile
     dataset: Optional[str] = None           # profile name (configs/datasets/NAME.yaml) or file; None: ag_news unless raw_path is set
-    raw_format: str = "auto"                # auto or a name in nlpmt.formats.FORMATS (csv, tsv, json, jsonl, parquet, folder)
+    raw_format: str = "auto"                # auto or a name in nlpmt.formats.FORMATS (csv, tsv, jsonl, json, parquet, folder)
     csv_header: Optional[bool] = None       # CSV/TSV first row holds the column names; None: detected
     columns: Optional[list[str]] = None     # column names of a headerless CSV/TSV; None: the header, or column_1..N
     text_fields: Optional[list[str]] = None # field(s) joined with a space into the text; None: guessed

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 from .core import package_version, sha256_file, sha256_bytes, utc_now
 from .storage import Store, StoreError, DATA_REPORT_KEY
+from .stages import STAGES
 
 # %% auto #0
 __all__ = ['FINGERPRINT_PREFIX', 'STAGE_SECTIONS', 'UPSTREAM', 'OUTPUT_PREFIXES', 'notebook_hash', 'canonical_hash',
@@ -21,12 +22,9 @@ __all__ = ['FINGERPRINT_PREFIX', 'STAGE_SECTIONS', 'UPSTREAM', 'OUTPUT_PREFIXES'
 
 # %% ../nbs/11_fingerprint.ipynb #f005
 FINGERPRINT_PREFIX = "results/fingerprints"
-STAGE_SECTIONS = {"data": "data", "baseline": "baseline", "transformer": "transformer"}
-UPSTREAM = {"report": ("baseline", "transformer")}
-# what each stage alone writes (models/final is shared by baseline and transformer, so neither checks it; the
-# metrics records, written last, change whenever either reruns)
-OUTPUT_PREFIXES = {"data": ("data/processed",), "baseline": ("results/baseline",),
-                   "transformer": ("results/transformer",), "report": ("results/summary.csv", "results/report.md")}
+STAGE_SECTIONS = {n: s.section for n, s in STAGES.items() if s.section}   # all from the stage registry
+UPSTREAM = {n: s.upstream for n, s in STAGES.items() if s.upstream}
+OUTPUT_PREFIXES = {n: s.outputs for n, s in STAGES.items()}
 
 def notebook_hash(path: str | Path) -> str:
     "SHA-256 of a notebook's cell types and sources (outputs, ids and metadata ignored)."
@@ -49,7 +47,7 @@ def raw_input_hash(path: str, store: Optional[Store] = None) -> Optional[str]:
 
 def data_hash(stage: str, params: dict, config, store: Store) -> Optional[str]:
     "What a stage reads: the raw input's hash (data stage), else the processed splits' `data_hash` (None if absent)."
-    if stage == "data":
+    if stage in STAGES and STAGES[stage].reads_raw:
         raw = params.get("raw_path") or config.resolve_path(config.data.raw_path)
         names = params.get("label_names_file") or (config.resolve_path(config.data.label_names_file)
                                                     if config.data.label_names_file else "")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 from .core import load_config, project_root, model_short_name, git_commit, ConfigError
+from .stages import stage_names, stage_spec, training_stages
 from .storage import open_store, Store, LocalStore, S3Store, join_key, sync, split_key, DATA_REPORT_KEY, SPLITS, StoreError
 from .runner import (STAGES, ParameterError, stage_notebook, stage_name, notebook_parameters, check_parameters,
                           describe_parameters, new_run_id, notebook_key, METRIC_DEFINITIONS)
@@ -61,7 +62,7 @@ def job_name(project: str, what: str, when: Optional[float] = None) -> str:
     return with_timestamp(job_base_name(project, what), when)
 
 # %% ../nbs/06_jobs.ipynb #c009
-TRAINING_STAGES = ("transformer",)
+TRAINING_STAGES = training_stages()   # from the stage registry (nlpmt.stages)
 MODEL_PARAMETERS = ("model_name", "model", "models")
 
 @dataclass
@@ -465,7 +466,7 @@ def check_cloud_job(spec: JobSpec, config) -> None:
     if not spec.store.startswith("s3://"):
         raise ConfigError(f"the SageMaker backend needs an s3:// store, got {spec.store!r}: pass --store s3://bucket/prefix "
                           "or set project.store (copy local results up with `nlpmt sync up`)")
-    if stage_name(spec.notebook) == "data":
+    if stage_name(spec.notebook) in STAGES and stage_spec(stage_name(spec.notebook)).reads_raw:
         from nlpmt.datasets import dataset_paths   # parameters, config and dataset profile, as the stage reads them
         for field_, path in dataset_paths(config, spec.params).items():
             path = path or ""
@@ -798,7 +799,7 @@ def print_summary(results: list[JobResult], store_uri: str, out=None) -> None:
     if models: print(f"\nModels in {store_uri} (best validation macro-F1 first)\n" + format_table(models), file=out)
 
 # %% ../nbs/06_jobs.ipynb #c039
-PIPELINE = ("data", "baseline", "transformer", "report")
+PIPELINE = stage_names()   # the stage registry's order (nlpmt.stages)
 
 def _pipeline_params(params: dict, stages: list[str]) -> dict[str, dict]:
     "Split `-p` values over the stages that declare them; an error for a name no stage has."
@@ -818,7 +819,7 @@ def pipeline_stages(out=None) -> list[str]:
     for s in PIPELINE:
         try: stage_notebook(s); stages.append(s)
         except ParameterError:
-            if s != "report": raise
+            if not stage_spec(s).optional: raise
             print("nlpmt: no report notebook yet: the pipeline skips the report stage", file=out or sys.stdout)
     return stages
 
@@ -831,7 +832,7 @@ def run_pipeline(store: Optional[str] = None, backend: str = "local", config=Non
     stages = pipeline_stages(out)
     per_stage = _pipeline_params(dict(params or {}), stages)
     run_id = run_id or new_run_id()
-    plans = {s: plan_jobs(s, per_stage[s], store, config, models=models if s == "transformer" else None, run_id=run_id,
+    plans = {s: plan_jobs(s, per_stage[s], store, config, models=models if stage_spec(s).per_model else None, run_id=run_id,
                           overrides=overrides, config_dir=config_dir) for s in stages}   # every check before any job
     if backend != "local":
         for s in stages:

@@ -12,6 +12,7 @@ import json, math, numbers
 from typing import Any, Optional, Sequence
 from .core import Config, model_short_name, provenance
 from .storage import Store, StoreError, split_hashes, SPLITS
+from .stages import metric_stages
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'STAGES', 'TOP_LEVEL_TYPES', 'SPLIT_METRIC_TYPES', 'PER_CLASS_KEYS', 'HISTORY_KEYS', 'COST_KEYS',
@@ -21,7 +22,7 @@ __all__ = ['SCHEMA_VERSION', 'STAGES', 'TOP_LEVEL_TYPES', 'SPLIT_METRIC_TYPES', 
 
 # %% ../nbs/03a_metrics.ipynb #c005
 SCHEMA_VERSION = 1
-STAGES = ("baseline", "transformer")
+STAGES = metric_stages()   # the stages that write metrics records (nlpmt.stages)
 
 def label_indices(values: Sequence, labels: Sequence[str], what: str = "labels") -> list[int]:
     "Map label names or integer indices to indices into `labels`; unknown values raise a `ValueError` naming them."

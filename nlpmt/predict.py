@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 from .core import model_short_name
 from .storage import Store, StoreError, open_store
+from .stages import model_loaders
 
 # %% auto #0
 __all__ = ['MODEL_MARKER', 'FINAL_PREFIX', 'LOADERS', 'ModelNotFound', 'available_models', 'locate_model', 'model_folder',
@@ -22,7 +23,7 @@ __all__ = ['MODEL_MARKER', 'FINAL_PREFIX', 'LOADERS', 'ModelNotFound', 'availabl
 # %% ../nbs/08_predict.ipynb #c005
 MODEL_MARKER = "nlpmt_model.json"
 FINAL_PREFIX = "models/final"
-LOADERS = {"baseline": "nlpmt.baseline", "transformer": "nlpmt.transformer"}
+LOADERS = model_loaders()   # saved-model kind -> module with `load_predictor` (nlpmt.stages)
 
 class ModelNotFound(FileNotFoundError):
     "No saved nlpmt model where one was asked for."

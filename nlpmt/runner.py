@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 from .supervise import watch_parent_from_env, stop_grace, finish_unsupervised_job
+from .stages import stage_names, stage_spec
 
 # %% auto #0
 __all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITIONS', 'SAVE_EVERY', 'JobFolders',
@@ -79,7 +80,7 @@ class JobFolders:
         return out
 
 # %% ../nbs/06a_runner.ipynb #c009
-STAGES = ("data", "baseline", "transformer", "report")
+STAGES = stage_names()   # the stage registry (nlpmt.stages), in pipeline order
 
 class ParameterError(ValueError):
     "A job's parameters do not fit its notebook (unknown name, wrong type), or the stage does not exist."
@@ -100,10 +101,9 @@ def stage_notebook(stage: str) -> Path:
         return path
     if stage not in STAGES:
         raise ParameterError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)} or a path to an .ipynb")
-    folder = notebooks_dir()
-    found = sorted(p for p in folder.glob(f"*_{stage}.ipynb") if re.fullmatch(rf"\d+[a-z]?_{stage}\.ipynb", p.name))
-    if not found: raise ParameterError(f"stage {stage!r} has no notebook in {folder} (expected NN_{stage}.ipynb)")
-    return found[0]
+    path = notebooks_dir()/stage_spec(stage).notebook
+    if not path.is_file(): raise ParameterError(f"stage {stage!r} has no notebook: {path} not found")
+    return path
 
 def stage_name(notebook: str | Path) -> str:
     "The stage name of a notebook path: its file name without the number prefix and extension."
