@@ -140,6 +140,10 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         try: importlib.import_module(module).register_cli(sub)
         except ModuleNotFoundError as e:
             if e.name != module: raise
+    if wanted in ("run", "sweep") and wanted in sub.choices:   # `nlpmt run STAGE --help` lists the stage's parameters
+        from nlpmt.settings import show_parameters_in_help
+        rest = argv[argv.index(wanted) + 1:]
+        show_parameters_in_help(sub.choices[wanted], rest[0] if rest and not rest[0].startswith("-") else None)
     for name, (module, help_text) in PLUGIN_COMMANDS.items():
         if name not in sub.choices:
             sub.add_parser(name, help=help_text, add_help=False).set_defaults(func=lambda a, n=name: _unavailable(n))

@@ -216,8 +216,8 @@ def _resolve(path: Optional[str], base: Path) -> Optional[str]:
     return str((base/path).resolve())
 
 def _clean_params(params: dict) -> dict:
-    "Keep only parameters that were given (not None, '' or [])."
-    return {k: v for k, v in params.items() if v is not None and v != "" and v != []}
+    "Keep only parameters that were given (not None: the config's value)."
+    return {k: v for k, v in params.items() if v is not None}
 
 def effective_data_config(config=None, **params) -> tuple[DataConfig, Path, Optional[Config]]:
     "The validated data config (with `params` overriding fields), the folder relative paths start from, the full config."

@@ -17,12 +17,17 @@ from .supervise import watch_parent_from_env, stop_grace, finish_unsupervised_jo
 from .stages import stage_names, stage_spec
 
 # %% auto #0
-__all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITIONS', 'SAVE_EVERY', 'JobFolders',
-           'ParameterError', 'notebooks_dir', 'stage_notebook', 'stage_name', 'NotebookParameter',
-           'notebook_parameters', 'describe_parameters', 'coerce_value', 'check_parameters', 'check_injected_cell',
-           'metric_line', 'log_metrics', 'JobTerminated', 'termination_requested', 'on_termination', 'describe_cell',
-           'NotebookResult', 'NotebookJob', 'new_run_id', 'notebook_key', 'job_name_from_env', 'read_hyperparameters',
-           'write_failure', 'run_job', 'parse_args', 'main']
+__all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITIONS', 'SAVE_EVERY', 'JobFolders', 'notebooks_dir',
+           'stage_notebook', 'stage_name', 'metric_line', 'log_metrics', 'JobTerminated', 'termination_requested',
+           'on_termination', 'describe_cell', 'NotebookResult', 'NotebookJob', 'new_run_id', 'notebook_key',
+           'job_name_from_env', 'read_hyperparameters', 'write_failure', 'run_job', 'parse_args', 'main']
+
+# %% ../nbs/06a_runner.ipynb #c004b
+# The parameters cell reader and the value checks moved to nlpmt.settings (nbs/00c_settings.ipynb); they are
+# re-exported here so existing importers (`from nlpmt.runner import check_parameters`, nlpmt.jobs) keep working.
+from .settings import (ParameterError, NotebookParameter, _parameters_cell, _line_comments, notebook_parameters,
+                            describe_parameters, _parse_structured, coerce_value, check_parameters, _same_value,
+                            check_injected_cell)
 
 # %% ../nbs/06a_runner.ipynb #c006
 OPT_ML = "/opt/ml"
@@ -82,9 +87,6 @@ class JobFolders:
 # %% ../nbs/06a_runner.ipynb #c009
 STAGES = stage_names()   # the stage registry (nlpmt.stages), in pipeline order
 
-class ParameterError(ValueError):
-    "A job's parameters do not fit its notebook (unknown name, wrong type), or the stage does not exist."
-
 def notebooks_dir() -> Path:
     "Folder holding the stage notebooks: `NLPMT_NOTEBOOKS`, else `nbs/` next to the package, else `<project>/nbs`."
     if os.environ.get("NLPMT_NOTEBOOKS"): return Path(os.environ["NLPMT_NOTEBOOKS"]).resolve()
@@ -108,149 +110,6 @@ def stage_notebook(stage: str) -> Path:
 def stage_name(notebook: str | Path) -> str:
     "The stage name of a notebook path: its file name without the number prefix and extension."
     return re.sub(r"^\d+[a-z]?_", "", Path(notebook).stem)
-
-# %% ../nbs/06a_runner.ipynb #c012
-@dataclass
-class NotebookParameter:
-    "One assignment of a notebook's `parameters` cell."
-    name: str
-    default: Any
-    help: str = ""
-
-    @property
-    def type_name(self) -> str:
-        "The type a value must have: that of the default (anything when the default is None)."
-        return "any" if self.default is None else type(self.default).__name__
-
-def _parameters_cell(nb: dict) -> Optional[str]:
-    "Source of the first cell tagged `parameters`, or None."
-    for cell in nb.get("cells", []):
-        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
-            src = cell.get("source", "")
-            return "".join(src) if isinstance(src, list) else src
-    return None
-
-def _line_comments(source: str) -> dict[int, str]:
-    "Line number -> text of the comment on that line."
-    out = {}
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.COMMENT: out[tok.start[0]] = tok.string.lstrip("#").strip()
-    except (tokenize.TokenError, IndentationError): pass
-    return out
-
-def notebook_parameters(notebook: str | Path) -> dict[str, NotebookParameter]:
-    "The parameters a notebook declares in its `parameters` cell, in order."
-    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
-    source = _parameters_cell(nb)
-    if source is None: return {}
-    try: tree = ast.parse(source)
-    except SyntaxError as e: raise ParameterError(f"{notebook}: parameters cell is not valid Python: {e}") from None
-    comments, out = _line_comments(source), {}
-    for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
-        if not isinstance(target, ast.Name) or getattr(node, "value", None) is None: continue
-        try: default = ast.literal_eval(node.value)
-        except ValueError: default = None
-        out[target.id] = NotebookParameter(target.id, default, comments.get(node.lineno, ""))
-    return out
-
-def describe_parameters(params: dict[str, NotebookParameter]) -> str:
-    "One line per parameter: name, type, default and comment."
-    if not params: return "  (the notebook has no parameters cell)"
-    return "\n".join(f"  {p.name}: {p.type_name} = {p.default!r}" + (f"  # {p.help}" if p.help else "")
-                     for p in params.values())
-
-# %% ../nbs/06a_runner.ipynb #c014
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-def _parse_structured(text: str):
-    "Parse a JSON or Python literal (list/dict/number/...); raise ValueError if it is neither."
-    try: return json.loads(text)
-    except (json.JSONDecodeError, TypeError): pass
-    try: return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError): raise ValueError(text) from None
-
-def coerce_value(value: Any, default: Any) -> Any:
-    "Convert `value` to the type of `default`; raise ValueError when it does not fit."
-    if isinstance(default, bool):
-        if isinstance(value, bool): return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE: return value.strip().lower() in _TRUE
-        raise ValueError("expected true/false")
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool): return value
-        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value): return int(value)
-        raise ValueError("expected an integer")
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool): out = float(value)
-        elif isinstance(value, str):
-            try: out = float(value)
-            except ValueError: raise ValueError("expected a number") from None
-        else: raise ValueError("expected a number")
-        if not math.isfinite(out): raise ValueError("expected a finite number")
-        return out
-    if isinstance(default, str):
-        if isinstance(value, str): return value
-        raise ValueError("expected a string")
-    if isinstance(default, (list, tuple)):
-        if isinstance(value, (list, tuple)): return list(value)
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                parsed = _parse_structured(text)
-                if isinstance(parsed, (list, tuple)): return list(parsed)
-                raise ValueError("expected a list")
-            return [v.strip() for v in text.split(",") if v.strip()] if text else []
-        raise ValueError("expected a list")
-    if isinstance(default, dict):
-        if isinstance(value, dict): return value
-        if isinstance(value, str):
-            parsed = _parse_structured(value)
-            if isinstance(parsed, dict): return parsed
-        raise ValueError("expected a mapping")
-    if default is None and isinstance(value, str):  # untyped: JSON/Python literal if it is one, else the string
-        try: return _parse_structured(value)
-        except ValueError: return value
-    return value
-
-def check_parameters(values: dict, params: dict[str, NotebookParameter], notebook: str | Path = "notebook") -> dict:
-    "Values converted to the notebook's parameter types; `ParameterError` listing every problem and the parameters."
-    out, problems = {}, []
-    for name, value in values.items():
-        if name not in params:
-            problems.append(f"unknown parameter {name!r}"); continue
-        try: out[name] = coerce_value(value, params[name].default)
-        except ValueError as e:
-            problems.append(f"parameter {name!r} ({params[name].type_name}, default {params[name].default!r}): "
-                            f"{e}, got {value!r}")
-    if problems:
-        raise ParameterError(f"{notebook}: " + "; ".join(problems) +
-                             f"\nParameters of {Path(notebook).name}:\n{describe_parameters(params)}")
-    return out
-
-# %% ../nbs/06a_runner.ipynb #c017
-def _same_value(a, b) -> bool:
-    "Equal values of the same types (recursively), so True never passes for 1 nor 1.0 for 1."
-    if type(a) is not type(b): return False
-    if isinstance(a, (list, tuple)): return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict): return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-    return a == b
-
-def check_injected_cell(source: str, parameters: dict) -> None:
-    "Raise `ParameterError` unless `source` only assigns each parameter its exact literal value."
-    try: tree = ast.parse(source)
-    except SyntaxError as e: raise ParameterError(f"injected parameters cell is not valid Python: {e}") from None
-    seen = {}
-    for node in tree.body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise ParameterError(f"injected parameters cell has a statement that is not `name = literal`: "
-                                 f"{ast.get_source_segment(source, node)!r}")
-        try: seen[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError: raise ParameterError(f"injected value of {node.targets[0].id!r} is not a literal") from None
-    for name, value in parameters.items():
-        if name not in seen or not _same_value(seen[name], value):
-            raise ParameterError(f"parameter {name!r} would not arrive in the notebook as {value!r}")
-    if set(seen) - set(parameters): raise ParameterError(f"unexpected injected names {sorted(set(seen) - set(parameters))}")
 
 # %% ../nbs/06a_runner.ipynb #c020
 METRIC_PREFIX = "nlpmt-metric"

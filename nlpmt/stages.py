@@ -34,6 +34,8 @@ class StageSpec:
     optional: bool = False             # the pipeline skips it (with a note) when its notebook is missing
     reads_raw: bool = False            # reads the raw files the data config names (fingerprinted by content; a
                                        # cloud job needs them in the store)
+    settings: Optional[str] = None     # dataclass of its parameters ("module.Class"): the types and help of its
+                                       # notebook's parameters cell, `--help` and `-p` checks (nlpmt.settings)
 
     @property
     def trains(self) -> bool:
@@ -63,16 +65,16 @@ def stage_spec(name: str) -> StageSpec:
 
 # %% ../nbs/00b_stages.ipynb #bcb14db1
 register(StageSpec("data", "02_data.ipynb", "raw records -> validated, deduplicated, stratified train/val/test splits",
-                   section="data", outputs=("data/processed",), reads_raw=True))
+                   section="data", outputs=("data/processed",), reads_raw=True, settings="nlpmt.settings.DataSettings"))
 register(StageSpec("baseline", "03_baseline.ipynb", "TF-IDF + classifier baselines, chosen on validation",
                    section="baseline", outputs=("results/baseline",),
-                   model_module="nlpmt.baseline"))
+                   model_module="nlpmt.baseline", settings="nlpmt.settings.BaselineSettings"))
 register(StageSpec("transformer", "04_transformer.ipynb", "fine-tune Hugging Face models, one job per model",
                    job_kind="training", section="transformer", outputs=("results/transformer",),
-                   model_module="nlpmt.transformer", per_model=True))
+                   model_module="nlpmt.transformer", per_model=True, settings="nlpmt.settings.TransformerSettings"))
 register(StageSpec("report", "05_report.ipynb", "leaderboard, significance tests and comparison figures",
                    outputs=("results/summary.csv", "results/report.md"), upstream=("baseline", "transformer"),
-                   optional=True));
+                   optional=True, settings="nlpmt.settings.ReportSettings"));
 
 # %% ../nbs/00b_stages.ipynb #f27d0342
 def stage_names() -> tuple[str, ...]:

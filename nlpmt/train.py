@@ -6,22 +6,24 @@ Docs: https://nlpmt.github.io/nlpmt/train.html.md"""
 
 # %% ../nbs/04b_train.ipynb #t004
 from __future__ import annotations
-import argparse, json, os, signal, subprocess, sys, tempfile, threading
+import argparse, dataclasses, json, os, signal, subprocess, sys, tempfile, threading
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 import pandas as pd
 import torch
-from .core import SECTIONS, Config, ConfigError, from_dict
-from .storage import open_store
+from .core import SECTIONS, Config, ConfigError, from_dict, load_config
+from .settings import TransformerSettings, add_settings_arguments, config_overrides, settings_from_args
+from .storage import Store, open_store, temp_store
 from .transformer import (SUMMARY_KEY, SpeedLevers, TrainParams, TrainingInterrupted, TransformerRun,
-                               broadcast_from_rank0, cpu_group, distributed_state, train_transformer, usable_cpus,
-                               visible_gpu_count)
+                               broadcast_from_rank0, cpu_group, distributed_state, train_params, train_transformer,
+                               usable_cpus, visible_gpu_count)
 
 # %% auto #0
-__all__ = ['TORCHRUN_ENTRY', 'training_job', 'job_config', 'train_job', 'write_run', 'read_run', 'under_torchrun',
-           'torchrun_command', 'launch_torchrun', 'share_job', 'run_training', 'parse_args', 'main', 'torchrun_source']
+__all__ = ['DEMO_SETTINGS', 'TORCHRUN_ENTRY', 'training_job', 'job_config', 'train_job', 'write_run', 'read_run',
+           'under_torchrun', 'torchrun_command', 'launch_torchrun', 'share_job', 'run_training', 'stage_training',
+           'parse_args', 'main', 'torchrun_source']
 
 # %% ../nbs/04b_train.ipynb #t007
 def training_job(store, params: TrainParams, config: Config, checkpoint_dir: str = "", run_name: str = "",
@@ -133,22 +135,63 @@ def run_training(store, params: TrainParams, config: Config, nproc: int = 1, che
                           f"of nproc ({nproc})")
     return launch_torchrun(job, nproc)
 
+# %% ../nbs/04b_train.ipynb #7da67b40
+DEMO_SETTINGS = dict(max_train_rows=240, max_length=64, batch_size=16, learning_rate=1e-4)   # demo mode, where unset
+
+def stage_training(settings: TransformerSettings, config: Config) -> tuple[Store, TrainParams, dict]:
+    "The store, `TrainParams` and `run_training` options for the stage's parameters (no store: demo mode)."
+    if settings.store is None:
+        from nlpmt.data import prepare_demo_data
+        store = temp_store()
+        prepare_demo_data(store)
+        unset = {k: v for k, v in DEMO_SETTINGS.items() if getattr(settings, k) is None}
+        settings = dataclasses.replace(settings, **unset, num_threads=settings.num_threads or 1)  # nbdev-test: one core each
+    else:
+        store = open_store(settings.store)
+    options = dict(nproc=settings.nproc, checkpoint_dir=settings.checkpoint_dir or "", run_name=settings.run_name or "",
+                   num_threads=settings.num_threads)
+    return store, train_params(config, **config_overrides(settings)), options
+
 # %% ../nbs/04b_train.ipynb #t021
-def parse_args(argv=None) -> argparse.Namespace:
-    "Command-line arguments of `python -m nlpmt.train`."
-    p = argparse.ArgumentParser(prog="python -m nlpmt.train", description="Train one process of a transformer training job.")
-    src = p.add_mutually_exclusive_group(required=True)
+def _parser() -> argparse.ArgumentParser:
+    "The full parser of `python -m nlpmt.train`: the job modes and the stage's parameters."
+    p = argparse.ArgumentParser(prog="python -m nlpmt.train", description="Train one process of a transformer "
+                                "training job, or the transformer stage from its parameters (a store is required).")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--job", help="the training job (JSON written by `run_training`)")
     src.add_argument("--worker", action="store_true", help="receive the job from process 0 (SageMaker Torchrun)")
     p.add_argument("--result", default=None, help="process 0 writes its result here (JSON)")
-    args, _ = p.parse_known_args(argv)       # SageMaker's driver appends the hyper-parameters as --name value
+    add_settings_arguments(p.add_argument_group("the stage's parameters (without --job or --worker)"), TransformerSettings)
+    return p
+
+def parse_args(argv=None) -> argparse.Namespace:
+    "Command-line arguments of `python -m nlpmt.train`: `settings` is None for --job and --worker."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    modes = argparse.ArgumentParser(add_help=False)
+    modes.add_argument("--job"); modes.add_argument("--worker", action="store_true"); modes.add_argument("--result")
+    args, _ = modes.parse_known_args(argv)    # SageMaker's driver may append hyper-parameters: a job ignores them
+    if args.job or args.worker:
+        if args.job and args.worker: _parser().error("argument --worker: not allowed with argument --job")
+        args.settings = None
+        return args
+    p = _parser()
+    args = p.parse_args(argv)
+    args.settings = settings_from_args(TransformerSettings, args)
+    if args.settings.store is None: p.error("give --job FILE, --worker, or the stage's parameters with --store")
     return args
 
 def main(argv=None) -> int:
-    "Train one process of a job; see `parse_args`."
+    "Train one process of a job, or the stage from its parameters; see `parse_args`."
     args = parse_args(argv)
-    job = share_job(None) if args.worker else json.loads(Path(args.job).read_text())
     try:
+        if args.settings is not None:
+            config = load_config(args.settings.config_dir)
+            store, params, options = stage_training(args.settings, config)
+            run = run_training(store, params, config, **options)
+            if int(os.environ.get("RANK", "0")) == 0:
+                for what, key in run.keys.items(): print(f"{what:>16}: {store.url(key)}", flush=True)
+            return 0
+        job = share_job(None) if args.worker else json.loads(Path(args.job).read_text())
         run = train_job(job)
         if args.result and distributed_state()[0] == 0: write_run(run, args.result)
         return 0

@@ -58,14 +58,14 @@ _POSITIVE = ("epochs", "learning_rate", "batch_size", "eval_batch_size", "gradie
 _NON_NEGATIVE = ("weight_decay", "early_stopping_patience", "max_train_rows", "seed", "max_steps")
 
 def train_params(config: "Config | None" = None, **overrides) -> TrainParams:
-    "The transformer config's values with every override that is not None or '' on top, validated."
+    "The transformer config's values with every override that is not None on top, validated."
     tc = (config or load_config()).transformer
     values = {f.name: getattr(tc, f.name) for f in fields(TrainParams) if hasattr(tc, f.name)}
     values["model_name"] = tc.models[0] if tc.models else DEFAULT_MODEL
     known = {f.name for f in fields(TrainParams)}
     unknown = sorted(set(overrides) - known)
     if unknown: raise ConfigError(f"transformer.{unknown[0]}: unknown parameter (known: {', '.join(sorted(known))})")
-    given = {k: v for k, v in overrides.items() if v is not None and v != ""}
+    given = {k: v for k, v in overrides.items() if v is not None}
     model = model_short_name(given.get("model_name") or values["model_name"])
     per_model = tc.model_overrides.get(model, {})
     bad = sorted(set(per_model) - known - {"model_name"})

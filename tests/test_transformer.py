@@ -301,7 +301,7 @@ def test_s3_store_mirrors_checkpoints_and_a_fresh_machine_resumes(s3_bucket, tin
 # ---------------------------------------------------------------- parameters, data, models, devices
 
 def test_params_fall_back_to_config_and_are_validated(config):
-    p = train_params(config, model_name="", epochs=None, batch_size=8)
+    p = train_params(config, model_name=None, epochs=None, batch_size=8)
     assert (p.model_name, p.epochs, p.batch_size) == (config.transformer.models[0], config.transformer.epochs, 8)
     for bad, field in [(dict(learning_rate=0), "learning_rate"), (dict(warmup_ratio=1.5), "warmup_ratio"),
                        (dict(max_train_rows=-3), "max_train_rows"), (dict(precision="fp8"), "precision"),
