@@ -185,8 +185,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.settings is not None:
-            config = load_config(args.settings.config_dir)
-            store, params, options = stage_training(args.settings, config)
+            try:
+                config = load_config(args.settings.config_dir)
+                store, params, options = stage_training(args.settings, config)
+            except (ConfigError, FileNotFoundError) as e:   # before anything trains: a clear message, exit code 1
+                print(f"nlpmt.train: error: {e}", file=sys.stderr, flush=True)
+                return 1
             run = run_training(store, params, config, **options)
             if int(os.environ.get("RANK", "0")) == 0:
                 for what, key in run.keys.items(): print(f"{what:>16}: {store.url(key)}", flush=True)

@@ -152,3 +152,18 @@ def test_cli_help_lists_the_stage_parameters_and_p_still_works(tmp_path):
     spec, = plan_jobs("transformer", {"epochs": "2", "max_train_rows": "0"}, store=str(tmp_path),
                       config=load_config(ROOT/"configs"), overrides=["transformer.epochs=3"])
     assert (spec.params["epochs"], spec.params["max_train_rows"]) == (2.0, 0)
+
+
+def test_train_script_trains_the_stage_from_its_flags(tmp_path):
+    "`python -m nlpmt.train --store ...` trains what the notebook would for the same parameters (a real MiniLM run)."
+    from nlpmt.data import prepare_demo_data
+    prepare_demo_data(str(tmp_path), rows=200)
+    flags = ["--store", str(tmp_path), "--max_train_rows", "40", "--max-length", "32", "--batch_size", "8",
+             "--num_threads", "1", "--epochs", "1"]
+    out = subprocess.run([sys.executable, "-m", "nlpmt.train", *flags], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path/"results"/"transformer"/"all-minilm-l6-v2_metrics.json").read_text())
+    assert record["train_rows"] == 40, record["train_rows"]
+    bad = subprocess.run([sys.executable, "-m", "nlpmt.train", "--store", str(tmp_path), "--batch_size", "0"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert bad.returncode == 1 and "transformer.batch_size: must be > 0" in bad.stderr, bad.stderr[-2000:]
