@@ -10,175 +10,21 @@ Docs: https://nlpmt.github.io/nlpmt/container.html.md"""
 
 # %% ../nbs/06b_container.ipynb #c004
 from __future__ import annotations
-import dataclasses, json, os, re, shlex, shutil, signal, subprocess, sys, tarfile, tempfile, threading, time
+import dataclasses, datetime, json, os, re, shlex, shutil, signal, subprocess, sys, tempfile, threading, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+from .container_job import (RequestRecorder, ContainerJob, read_job, check_local_sagemaker_endpoint, host_path,
+                                 sync_checkpoints, layout_opt_ml, upload_outputs, failure_reason)
+from .backends import Backend, SubmittedJob, JobStatus, JobResult
+from .sagemaker_jobs import submit_sagemaker, submit_options, check_cloud_job, LOG_GROUPS
 
 # %% auto #0
-__all__ = ['CREATE_OPERATIONS', 'OPT_ML', 'PASS_ENV', 'PASS_ENV_PREFIXES', 'SYSTEM_PATH', 'NAMESPACE_SETUP', 'GRACE_SECONDS',
-           'PLACEHOLDER_ROLE', 'RequestRecorder', 'ContainerJob', 'read_job', 'check_local_sagemaker_endpoint',
-           'host_path', 'download_s3', 'upload_s3', 'sync_checkpoints', 'layout_opt_ml', 'container_command',
-           'make_job_venv', 'container_env', 'namespace_argv', 'isolation_mode', 'rewrite_opt_ml', 'apply_rewrite',
-           'Interruption', 'Attempt', 'first_process', 'run_attempt', 'upload_outputs', 'failure_reason', 'job_status',
-           'ContainerResult', 'run_container_job', 'platform_client', 'run_container', 'run_container_many',
-           'add_container_options', 'container_kw']
-
-# %% ../nbs/06b_container.ipynb #c006
-CREATE_OPERATIONS = {"CreateTrainingJob": "training", "CreateProcessingJob": "processing"}
-
-class RequestRecorder:
-    "Keeps the Create*Job requests the SageMaker SDK sends on a boto3 session, as sent (JSON body), by job name."
-    def __init__(self, session):
-        self.session, self.sent = session, {}
-        for op in CREATE_OPERATIONS: session.events.register(f"before-call.sagemaker.{op}", self._record)
-
-    def _record(self, params, model, **kwargs) -> None:
-        body = json.loads(params["body"])
-        name = body.get("TrainingJobName") or body.get("ProcessingJobName")
-        self.sent[name] = (CREATE_OPERATIONS[model.name], body)
-
-# %% ../nbs/06b_container.ipynb #c008
-@dataclass
-class ContainerJob:
-    "A job as the SageMaker API describes it (plus the request fields its answer lacked)."
-    name: str
-    kind: str                                        # training | processing
-    request: dict                                    # Describe* answer, with the missing request fields filled in
-    filled: list = field(default_factory=list)       # request fields the Describe answer lacked
-
-# %% ../nbs/06b_container.ipynb #c009
-def read_job(name: str, kind: str, client, sent: Optional[dict] = None) -> ContainerJob:
-    "Describe job `name` and fill the fields the answer lacks from `sent` (the request as the SDK sent it)."
-    d = dict(client.describe_training_job(TrainingJobName=name) if kind == "training"
-             else client.describe_processing_job(ProcessingJobName=name))
-    d.pop("ResponseMetadata", None)
-    filled = sorted(k for k in (sent or {}) if k not in d)
-    return ContainerJob(name, kind, {**{k: sent[k] for k in filled}, **d}, filled)
-
-# %% ../nbs/06b_container.ipynb #c010
-def _host(url: str) -> str:
-    "The host name of an endpoint URL."
-    from urllib.parse import urlsplit
-    return (urlsplit(url).hostname or "").lower()
-
-def check_local_sagemaker_endpoint() -> str:
-    "The SageMaker API endpoint, which must be on this machine (a moto server); a clear error otherwise."
-    from nlpmt.storage import aws_endpoint
-    from nlpmt.core import ConfigError
-    url = aws_endpoint("sagemaker")
-    if not url or _host(url) not in ("127.0.0.1", "localhost", "::1"):
-        raise ConfigError(
-            "the container backend creates the job on a SageMaker API that does not run it, so nothing is billed: "
-            f"start one with `moto_server -p 5055` and set AWS_ENDPOINT_URL_SAGEMAKER=http://127.0.0.1:5055 "
-            f"(the store stays where it is); the SageMaker endpoint now is {url or 'AWS itself'}")
-    return url
-
-# %% ../nbs/06b_container.ipynb #c013
-OPT_ML = "/opt/ml"
-
-def host_path(root: Path, container_path: str) -> Path:
-    "The folder under `root` that stands in for `container_path` (which must be below /opt/ml)."
-    p = os.path.normpath(container_path)
-    if p != OPT_ML and not p.startswith(OPT_ML + "/"):
-        raise ValueError(f"container path {container_path!r} is not below {OPT_ML}")
-    return Path(root)/os.path.relpath(p, OPT_ML)
-
-def _split_s3(uri: str) -> tuple[str, str]:
-    "(bucket, key or prefix) of an s3:// URI."
-    if not uri.startswith("s3://"): raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key
-
-def download_s3(s3, uri: str, dest: Path) -> list[Path]:
-    "Download every object below `uri` (an S3 prefix, as SageMaker's S3Prefix) into `dest`; returns the files."
-    bucket, prefix = _split_s3(uri)
-    dest.mkdir(parents=True, exist_ok=True)
-    files = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            if key.endswith("/"): continue
-            rest = key[len(prefix):]
-            if key == prefix: rel = key.rsplit("/", 1)[-1]                  # the prefix is one object's key
-            elif prefix.endswith("/") or not prefix or rest.startswith("/"): rel = rest.lstrip("/")
-            else: rel = key[len(prefix.rsplit("/", 1)[0]) + 1:] if "/" in prefix else key   # a partial name
-            target = (dest/rel).resolve()
-            if not str(target).startswith(str(dest.resolve()) + os.sep):
-                raise ValueError(f"s3://{bucket}/{key} would be written outside {dest}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, key, str(target))
-            files.append(target)
-    return files
-
-def upload_s3(s3, folder: Path, uri: str) -> list[str]:
-    "Upload every file below `folder` to the prefix `uri`; returns the keys written."
-    bucket, prefix = _split_s3(uri)
-    keys = []
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        key = "/".join(x for x in (prefix.rstrip("/"), path.relative_to(folder).as_posix()) if x)
-        s3.upload_file(str(path), bucket, key); keys.append(key)
-    return keys
-
-# %% ../nbs/06b_container.ipynb #c015
-def sync_checkpoints(s3, folder: Path, uri: str) -> None:
-    "Make the S3 prefix `uri` equal `folder`: changed files up, files deleted locally deleted there (as SageMaker syncs)."
-    bucket, prefix = _split_s3(uri)
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    remote = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []): remote[obj["Key"][len(prefix):]] = obj["Size"]
-    local = {p.relative_to(folder).as_posix(): p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")}
-    for rel, path in sorted(local.items()):
-        try: size, mtime = path.stat().st_size, path.stat().st_mtime
-        except FileNotFoundError: continue                      # rotated away while we looked
-        if remote.get(rel) == size and mtime < time.time() - 60: continue
-        try: s3.upload_file(str(path), bucket, prefix + rel)
-        except FileNotFoundError: continue
-    gone = [prefix + rel for rel in remote if rel not in local]
-    for i in range(0, len(gone), 1000):
-        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in gone[i:i + 1000]], "Quiet": True})
-
-# %% ../nbs/06b_container.ipynb #c017
-def _resource_config(job: ContainerJob) -> dict:
-    "resourceconfig.json: one host, `algo-1`."
-    itype = (job.request.get("ResourceConfig", {}).get("InstanceType") or
-             job.request.get("ProcessingResources", {}).get("ClusterConfig", {}).get("InstanceType") or "local")
-    return {"current_host": "algo-1", "current_instance_type": itype, "current_group_name": "homogeneousCluster",
-            "hosts": ["algo-1"], "network_interface_name": "eth0",
-            "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": itype, "hosts": ["algo-1"]}]}
-
-def layout_opt_ml(job: ContainerJob, root: Path, s3, restore_checkpoints: bool = True) -> Path:
-    "Create the `/opt/ml` tree of `job` in `root`: configuration files, downloaded inputs, restored checkpoints."
-    root = Path(root)
-    for sub in ("input/config", "input/data", "model", "output/data", "checkpoints", "code", "config"):
-        (root/sub).mkdir(parents=True, exist_ok=True)
-    r = job.request
-    write = lambda path, data: path.write_text(json.dumps(data, indent=1, default=str))
-    write(root/"input/config/resourceconfig.json", _resource_config(job))
-    if job.kind == "training":
-        write(root/"input/config/hyperparameters.json", r.get("HyperParameters", {}))
-        channels = {}
-        for ch in r.get("InputDataConfig", []):
-            src = ch["DataSource"]["S3DataSource"]
-            channels[ch["ChannelName"]] = {"TrainingInputMode": ch.get("InputMode", "File"), "RecordWrapperType": "None",
-                                           "S3DistributionType": src.get("S3DataDistributionType", "FullyReplicated")}
-            download_s3(s3, src["S3Uri"], root/"input"/"data"/ch["ChannelName"])
-        write(root/"input/config/inputdataconfig.json", channels)
-        ckpt = r.get("CheckpointConfig")
-        if ckpt:
-            folder = host_path(root, ckpt.get("LocalPath") or "/opt/ml/checkpoints")
-            folder.mkdir(parents=True, exist_ok=True)
-            if restore_checkpoints: download_s3(s3, ckpt["S3Uri"].rstrip("/") + "/", folder)
-    else:
-        write(root/"config/processingjobconfig.json", r)
-        write(root/"config/resourceconfig.json", _resource_config(job))
-        for inp in r.get("ProcessingInputs", []):
-            s3in = inp.get("S3Input")
-            if s3in: download_s3(s3, s3in["S3Uri"], host_path(root, s3in["LocalPath"]))
-        for out in r.get("ProcessingOutputConfig", {}).get("Outputs", []):
-            if out.get("S3Output"): host_path(root, out["S3Output"]["LocalPath"]).mkdir(parents=True, exist_ok=True)
-    return root
+__all__ = ['PASS_ENV', 'PASS_ENV_PREFIXES', 'SYSTEM_PATH', 'NAMESPACE_SETUP', 'GRACE_SECONDS', 'PLACEHOLDER_ROLE',
+           'container_command', 'make_job_venv', 'container_env', 'namespace_argv', 'isolation_mode', 'rewrite_opt_ml',
+           'apply_rewrite', 'Interruption', 'Attempt', 'first_process', 'run_attempt', 'job_status', 'ContainerResult',
+           'run_container_job', 'platform_client', 'add_container_options', 'container_kw', 'ContainerBackend',
+           'run_container']
 
 # %% ../nbs/06b_container.ipynb #c019
 PASS_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
@@ -382,44 +228,7 @@ def run_attempt(argv: list[str], env: dict, mode: str, log_path: Path, out, max_
     if why.startswith("stop requested"): why = "stop-request"
     return Attempt(rc, why, time.time() - start, killed, str(log_path))
 
-# %% ../nbs/06b_container.ipynb #c035
-def _tar(folder: Path, dest: Path) -> Path:
-    "A gzipped tar of the contents of `folder` (no leading folder name), as SageMaker writes model.tar.gz."
-    with tarfile.open(dest, "w:gz") as tar:
-        for p in sorted(Path(folder).iterdir()): tar.add(p, arcname=p.name)
-    return dest
-
-# %% ../nbs/06b_container.ipynb #c036
-def upload_outputs(job: ContainerJob, root: Path, s3, completed: bool) -> dict[str, str]:
-    "Upload what the platform uploads at the end of a job; returns name -> s3:// URI."
-    out, r = {}, job.request
-    if job.kind == "training":
-        base = r["OutputDataConfig"]["S3OutputPath"].rstrip("/") + f"/{job.name}/output"
-        bucket, prefix = _split_s3(base)
-        with tempfile.TemporaryDirectory(prefix="nlpmt-archive-") as tmp:
-            parts = [("output", root/"output"/"data")] + ([("model", root/"model")] if completed else [])
-            for name, folder in parts:
-                archive = _tar(folder, Path(tmp)/f"{name}.tar.gz")
-                s3.upload_file(str(archive), bucket, f"{prefix}/{name}.tar.gz")
-                out[name] = f"s3://{bucket}/{prefix}/{name}.tar.gz"
-    else:
-        for o in r.get("ProcessingOutputConfig", {}).get("Outputs", []):
-            s3o = o.get("S3Output")
-            if s3o:
-                upload_s3(s3, host_path(root, s3o["LocalPath"]), s3o["S3Uri"])
-                out[o.get("OutputName", s3o["LocalPath"])] = s3o["S3Uri"]
-    return out
-
 # %% ../nbs/06b_container.ipynb #c037
-def failure_reason(job: ContainerJob, root: Path) -> str:
-    "The failure reason the platform reports: the first 1 KiB of output/failure (Training) or output/message."
-    for name in (("failure", "message") if job.kind == "training" else ("message", "failure")):
-        try:
-            text = (Path(root)/"output"/name).read_bytes()[:1024].decode("utf-8", "ignore").strip()
-            if text: return text
-        except OSError: pass
-    return ""
-
 def job_status(attempt: Attempt) -> str:
     "Completed | Stopped | Failed, by SageMaker's rules."
     if attempt.returncode == 0: return "Completed"
@@ -534,43 +343,7 @@ def platform_client(service: str, region: Optional[str] = None, credentials: Opt
     extra = {"s3": {"addressing_style": "path"}} if service == "s3" and endpoint else {}
     return session.client(service, endpoint_url=endpoint, config=BotoConfig(retries={"max_attempts": 8, "mode": "standard"}, **extra))
 
-def run_container(spec, config, out=None, interruption: Optional[Interruption] = None, role: Optional[str] = None,
-                  instance_type: Optional[str] = None, spot: Optional[bool] = None, credentials: Optional[dict] = None,
-                  boto_session=None, keep: bool = False, grace_seconds: float = GRACE_SECONDS, prefix: str = ""):
-    "Run one job with the container backend; returns a `nlpmt.jobs.JobResult`."
-    import boto3
-    from nlpmt.jobs import submit_sagemaker, JobResult, LOG_GROUPS
-    from nlpmt.runner import stage_name
-    from nlpmt.storage import S3Store
-    out = out or sys.stdout
-    check_local_sagemaker_endpoint()
-    os.environ.setdefault("SAGEMAKER_VALIDATE_ROLE", "false")       # a local SageMaker API has no IAM to check against
-    session = boto_session or boto3.session.Session(region_name=config.project.region)
-    recorder = RequestRecorder(session)
-    sj = submit_sagemaker(spec, config, instance_type=instance_type, spot=spot,
-                          role=role or config.project.role_arn or PLACEHOLDER_ROLE, boto_session=session)
-    kind, sent = recorder.sent[sj.job_name]
-    job = read_job(sj.job_name, kind, session.client("sagemaker"), sent)
-    region = config.project.region
-    s3 = platform_client("s3", region, credentials)      # what SageMaker does for the job, it does as the execution role
-    with tempfile.TemporaryDirectory(prefix="nlpmt-container-log-") as tmp:
-        log_path = Path(tmp)/"job.log"
-        result = run_container_job(job, s3, out, interruption, credentials,
-                                   keep=keep, grace_seconds=grace_seconds, log_path=log_path, prefix=prefix)
-        text = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
-        try:
-            S3Store(spec.store, client=s3).upload_file(log_path, f"results/notebooks/{spec.run_id}/{spec.name}.log")
-            _put_log_events(platform_client("logs", region, credentials), LOG_GROUPS[kind], f"{job.name}/algo-1-{int(time.time())}", text)
-        except Exception as e: print(f"{prefix}nlpmt-container: could not save the job's log: {e}", file=out)
-    for line in result.lines(): print(f"{prefix}{line}", file=out, flush=True)
-    return JobResult(spec.name, job.name, stage_name(spec.notebook), result.status, result.failure_reason,
-                     result.seconds, sj.notebook_url, 0 if result.status == "Completed" else 1, "container", result.root)
-
 # %% ../nbs/06b_container.ipynb #c046
-def run_container_many(specs: list, config, out=None, **kw) -> list:
-    "Run jobs with the container backend one after another (one machine), stopping at nothing: every job reports."
-    return [run_container(spec, config, out=out, **kw) for spec in specs]
-
 def add_container_options(p) -> None:
     "Options of `--backend container` for `nlpmt run` and `nlpmt pipeline`."
     p.add_argument("--simulate-interruption", type=float, default=None, metavar="SECONDS",
@@ -584,3 +357,70 @@ def container_kw(args) -> dict:
     if getattr(args, "simulate_interruption", None) is None: return {"grace_seconds": args.interruption_grace}
     return {"interruption": Interruption(args.simulate_interruption, grace_seconds=args.interruption_grace),
             "grace_seconds": args.interruption_grace}
+
+# %% ../nbs/06b_container.ipynb #07c2b034
+class ContainerBackend(Backend):
+    "`--backend container` (options: instance_type, spot, role, credentials, boto_session, interruption, keep, grace_seconds, prefix)."
+    name = "container"
+
+    def __init__(self, config=None, out=None, **options):
+        super().__init__(config, out, **options)
+        self.ended: dict[str, tuple[JobStatus, JobResult]] = {}
+
+    @classmethod
+    def options_from_args(cls, args) -> dict: return {**submit_options(args), **container_kw(args)}
+
+    def check(self, spec) -> None: check_cloud_job(spec, self.config)
+
+    def submit(self, spec) -> SubmittedJob:
+        "Create the job through the SageMaker code path and execute it here; returns when it has ended."
+        import boto3
+        from nlpmt.runner import stage_name
+        from nlpmt.storage import S3Store
+        o, out, config = self.options, self.out, self.config
+        prefix = o.get("prefix", "")
+        check_local_sagemaker_endpoint()
+        os.environ.setdefault("SAGEMAKER_VALIDATE_ROLE", "false")       # a local SageMaker API has no IAM to check against
+        session = o.get("boto_session") or boto3.session.Session(region_name=config.project.region)
+        recorder = RequestRecorder(session)
+        sj = submit_sagemaker(spec, config, instance_type=o.get("instance_type"), spot=o.get("spot"),
+                              role=o.get("role") or config.project.role_arn or PLACEHOLDER_ROLE, boto_session=session)
+        kind, sent = recorder.sent[sj.job_name]
+        job = read_job(sj.job_name, kind, session.client("sagemaker"), sent)
+        region, credentials = config.project.region, o.get("credentials")
+        s3 = platform_client("s3", region, credentials)      # what SageMaker does for the job, it does as the execution role
+        with tempfile.TemporaryDirectory(prefix="nlpmt-container-log-") as tmp:
+            log_path = Path(tmp)/"job.log"
+            result = run_container_job(job, s3, out, o.get("interruption"), credentials, keep=o.get("keep", False),
+                                       grace_seconds=o.get("grace_seconds", GRACE_SECONDS), log_path=log_path, prefix=prefix)
+            text = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
+            try:
+                S3Store(spec.store, client=s3).upload_file(log_path, f"results/notebooks/{spec.run_id}/{spec.name}.log")
+                _put_log_events(platform_client("logs", region, credentials), LOG_GROUPS[kind], f"{job.name}/algo-1-{int(time.time())}", text)
+            except Exception as e: print(f"{prefix}nlpmt-container: could not save the job's log: {e}", file=out)
+        for line in result.lines(): print(f"{prefix}{line}", file=out, flush=True)
+        ended = datetime.datetime.now(datetime.timezone.utc)
+        started = ended - datetime.timedelta(seconds=result.seconds)
+        status = JobStatus(job.name, kind, result.status, result.secondary_status, result.failure_reason, sj.instance_type,
+                           1, sj.spot, started, started, ended, environment=job.request.get("Environment") or {})
+        self.ended[job.name] = (status, JobResult(spec.name, job.name, stage_name(spec.notebook), result.status,
+                                                  result.failure_reason, result.seconds, sj.notebook_url,
+                                                  0 if result.status == "Completed" else 1, "container", result.root))
+        return dataclasses.replace(sj, backend="container")
+
+    def _ended(self, job: SubmittedJob) -> tuple[JobStatus, JobResult]:
+        "What the run of `job` left; a clear error for a job this backend did not run."
+        if job.job_name not in self.ended: raise ValueError(f"{job.job_name}: not a job this container backend ran")
+        return self.ended[job.job_name]
+
+    def describe(self, job: SubmittedJob) -> JobStatus: return self._ended(job)[0]
+    def wait(self, job: SubmittedJob) -> JobResult: return self._ended(job)[1]
+    def stop(self, job: SubmittedJob) -> JobStatus: return self._ended(job)[0]
+
+def run_container(spec, config, out=None, interruption: Optional[Interruption] = None, role: Optional[str] = None,
+                  instance_type: Optional[str] = None, spot: Optional[bool] = None, credentials: Optional[dict] = None,
+                  boto_session=None, keep: bool = False, grace_seconds: float = GRACE_SECONDS, prefix: str = "") -> JobResult:
+    "Run one job with the container backend; returns its `JobResult`."
+    return ContainerBackend(config, out, interruption=interruption, role=role, instance_type=instance_type, spot=spot,
+                            credentials=credentials, boto_session=boto_session, keep=keep, grace_seconds=grace_seconds,
+                            prefix=prefix).run(spec)

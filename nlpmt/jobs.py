@@ -1,8 +1,8 @@
-"""`nlpmt run STAGE` runs a stage notebook as a job: on this machine (the local backend, the default) or as a
-SageMaker Processing or Training job. Both backends start the same runner (`python -m nlpmt.runner`) with
-the same folders, environment and parameters, and both leave the executed notebook, metrics, figures and
-models in the store. `nlpmt pipeline` runs data -> baseline -> transformer -> report that way; `nlpmt jobs`
-lists, inspects, follows and stops SageMaker jobs.
+"""`nlpmt run STAGE` runs a stage notebook as a job on a backend: this machine (`local`, the default), a SageMaker
+Processing or Training job (`sagemaker`), or the SageMaker request executed here (`container`). Every backend
+starts the same runner (`python -m nlpmt.runner`) with the same folders, environment and parameters, and leaves
+the executed notebook, metrics, figures and models in the store. `nlpmt pipeline` runs data -> baseline ->
+transformer -> report that way; `nlpmt jobs` lists, inspects, follows and stops SageMaker jobs.
 
 Docs: https://nlpmt.github.io/nlpmt/jobs.html.md"""
 
@@ -10,793 +10,22 @@ Docs: https://nlpmt.github.io/nlpmt/jobs.html.md"""
 
 # %% ../nbs/06_jobs.ipynb #c004
 from __future__ import annotations
-import argparse, dataclasses, json, os, re, shutil, signal, subprocess, sys, tempfile, threading, time, uuid
-from dataclasses import dataclass, field, asdict
-from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
-from .core import load_config, project_root, model_short_name, git_commit, ConfigError
-from .stages import stage_names, stage_spec, training_stages
-from .storage import open_store, Store, LocalStore, S3Store, join_key, sync, split_key, DATA_REPORT_KEY, SPLITS, StoreError
-from .runner import (STAGES, ParameterError, stage_notebook, stage_name, notebook_parameters, check_parameters,
-                          describe_parameters, new_run_id, notebook_key, METRIC_DEFINITIONS)
-from .aws import (JOB_LOG_GROUPS, JOB_CODE_PREFIX, JOB_OUTPUT_PREFIX, JOB_CHECKPOINT_PREFIX, JOB_NAME_HEAD,
-                       job_name_prefix, job_cost, instance_price, asset_path)
-from .supervise import (parent_pipe, follow_file, write_job_plan, finish_local_job, PARENT_FD_ENV, DETACHED_ENV,
-                             STOP_GRACE_ENV)
+import argparse, sys, time
+from typing import Iterable, Optional
+from .core import load_config
+from .stages import stage_names, stage_spec
+from .runner import STAGES, ParameterError, stage_notebook, notebook_parameters, describe_parameters, new_run_id
+from .job_plan import plan_jobs, resolve_store_uri
+from .backends import BACKENDS, TERMINAL, Backend, JobInterrupted, backend_class, get_backend
+from .job_tables import print_summary, format_table, format_duration, job_cost_info, format_cost_lines
+from .sagemaker_jobs import sagemaker_client, describe_job, list_jobs, stop_job, log_events, LOG_GROUPS
 
 # %% auto #0
-__all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'BUNDLE_SKIP', 'JOB_SCRIPT', 'JOB_COMMAND', 'TERMINAL', 'LOG_GROUPS',
-           'PIPELINE', 'job_base_name', 'with_timestamp', 'job_name', 'JobSpec', 'resolve_store_uri', 'model_parameter',
-           'plan_jobs', 'as_string', 'param_args', 'config_env', 'JobResult', 'checkpoint_prefix', 'local_job_env',
-           'local_checkpoint_dir', 'prepare_local_job', 'run_local', 'JobInterrupted', 'project_root_or_cwd',
-           'start_local_detached', 'visible_gpus', 'run_local_many', 'bundle_requirements', 'make_bundle',
-           'bundle_stage_arg', 'SubmittedJob', 'sagemaker_session', 'image_uri', 'job_tags', 'job_environment',
-           'check_cloud_job', 'submit_sagemaker', 'JobStatus', 'sagemaker_client', 'describe_job', 'list_jobs',
-           'stop_job', 'log_events', 'job_cost_info', 'format_cost_lines', 'wait_for_job', 'format_table',
-           'results_table', 'print_summary', 'pipeline_stages', 'run_pipeline', 'run_sagemaker_many', 'cmd_run',
-           'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status', 'cmd_jobs_logs', 'cmd_jobs_stop', 'register_cli']
+__all__ = ['PIPELINE', 'pipeline_stages', 'run_pipeline', 'cmd_run', 'cmd_pipeline', 'cmd_jobs_list', 'cmd_jobs_status',
+           'cmd_jobs_logs', 'cmd_jobs_stop', 'register_cli']
 
-# %% ../nbs/06_jobs.ipynb #c006
-_issued_tokens: set[str] = set()
-_token_lock = threading.Lock()
-
-def _name_part(text: str) -> str:
-    "Lower-case `[a-z0-9-]` form of a model or stage name."
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", str(text).lower())).strip("-") or "job"
-
-def job_base_name(project: str, what: str) -> str:
-    "`{project}-{what}-{token}`, short enough that `-YYYYmmddHHMMSS` still fits in 63 characters."
-    with _token_lock:
-        while True:
-            token = uuid.uuid4().hex[:6]
-            if token not in _issued_tokens: _issued_tokens.add(token); break
-    head = f"{job_name_prefix(project)}-{_name_part(what)}"[:JOB_NAME_HEAD].rstrip("-")
-    return f"{head}-{token}"
-
-def with_timestamp(base: str, when: Optional[float] = None) -> str:
-    "`base` plus `-YYYYmmddHHMMSS` (UTC; now by default), as the SDK names Training jobs."
-    return f"{base}-{time.strftime('%Y%m%d%H%M%S', time.gmtime(when))}"
-
-def job_name(project: str, what: str, when: Optional[float] = None) -> str:
-    "A unique job name `{project}-{what}-{token}-{YYYYmmddHHMMSS}`."
-    return with_timestamp(job_base_name(project, what), when)
-
-# %% ../nbs/06_jobs.ipynb #c009
-TRAINING_STAGES = training_stages()   # from the stage registry (nlpmt.stages)
-MODEL_PARAMETERS = ("model_name", "model", "models")
-
-@dataclass
-class JobSpec:
-    "One job: which notebook, its parameters, where results go and what the job is called."
-    stage: str                       # stage name, or a notebook path
-    notebook: str                    # resolved notebook path
-    params: dict                     # checked values (typed)
-    store: str                       # store URI
-    run_id: str                      # groups the jobs of one run in results/notebooks/{run_id}/
-    name: str                        # name of the executed notebook in the run: stage or stage-model
-    job_name: str                    # unique base name; the job's name adds its start time (`with_timestamp`)
-    kind: str = "processing"         # processing | training
-    model: Optional[str] = None
-    overrides: list = field(default_factory=list)   # config overrides (section.key=value)
-    config_dir: Optional[str] = None
-    env: dict = field(default_factory=dict)         # extra environment of the job (e.g. a sweep trial's NLPMT_* variables)
-
-def resolve_store_uri(uri: Optional[str], config) -> str:
-    "An explicit store URI (local paths made absolute), else the configured `project.store`."
-    if uri: return uri if "://" in str(uri) else str(Path(uri).expanduser().resolve())
-    s = config.project.store
-    return s if "://" in s else str((Path(config.config_dir).parent/s).resolve())
-
-def model_parameter(spec: dict) -> Optional[str]:
-    "The notebook's model parameter (`model_name`, `model` or `models`), if it has one."
-    return next((n for n in MODEL_PARAMETERS if n in spec), None)
-
-def plan_jobs(stage: str, params: Optional[dict] = None, store: Optional[str] = None, config=None,
-              models: Optional[list] = None, run_id: Optional[str] = None, kind: Optional[str] = None,
-              overrides: Iterable[str] = (), config_dir: Optional[str] = None) -> list[JobSpec]:
-    "Check a stage's parameters against its notebook and return one `JobSpec` per job (one per model)."
-    config = config or load_config(config_dir, list(overrides))
-    notebook = stage_notebook(stage)
-    spec = notebook_parameters(notebook)
-    given = dict(params or {})
-    store_uri = resolve_store_uri(store or given.pop("store", None), config)
-    if "store" in spec: given["store"] = store_uri
-    if config_dir and "config_dir" in spec and "config_dir" not in given: given["config_dir"] = str(Path(config_dir).resolve())
-    values = check_parameters(given, spec, notebook)
-    sname = stage_name(notebook)
-    kind = kind or ("training" if sname in TRAINING_STAGES else "processing")
-    if config.project.instance_count > 1 and sname not in TRAINING_STAGES:
-        raise ConfigError(f"project.instance_count is {config.project.instance_count}, but stage {sname!r} does not train: "
-                          f"only {', '.join(TRAINING_STAGES)} trains one model across instances (DDP under torchrun); "
-                          "any other stage would run whole on every instance and write the same keys. Run it with "
-                          "--set project.instance_count=1")
-    if kind not in ("training", "processing"): raise ParameterError(f"job type must be training or processing, got {kind!r}")
-    run_id = run_id or new_run_id()
-    jobs = []
-    for model in (models or [None]):
-        v = dict(values)
-        if model is not None:
-            mp = model_parameter(spec)
-            if mp is None:
-                raise ParameterError(f"{notebook}: --models needs a model parameter ({', '.join(MODEL_PARAMETERS)}); "
-                                     f"parameters:\n{describe_parameters(spec)}")
-            v[mp] = [model] if isinstance(spec[mp].default, list) else model
-            v = check_parameters(v, spec, notebook)
-        short = model_short_name(model) if model else None
-        name = f"{sname}-{short}" if short and len(models or []) > 1 else sname
-        what = short or sname
-        jobs.append(JobSpec(stage=stage, notebook=str(notebook), params=v, store=store_uri, run_id=run_id, name=name,
-                            job_name=job_base_name(config.project.name, what),
-                            kind=kind, model=model, overrides=list(overrides), config_dir=config_dir))
-    return jobs
-
-# %% ../nbs/06_jobs.ipynb #c012
-def as_string(value) -> str:
-    "A parameter value as SageMaker carries it: strings verbatim, everything else as JSON."
-    return value if isinstance(value, str) else json.dumps(value)
-
-def param_args(params: dict) -> list[str]:
-    "`-p NAME VALUE` arguments for the runner."
-    return [a for k, v in params.items() for a in ("-p", k, as_string(v))]
-
-def config_env(overrides: Iterable[str]) -> dict[str, str]:
-    "Config overrides (`section.key=value`) as the `NLPMT_SECTION__KEY` variables that `load_config` reads."
-    from nlpmt.core import parse_override
-    out = {}
-    for text in overrides:
-        section, key, _ = parse_override(text)
-        out[f"NLPMT_{section.upper()}__{key.upper()}"] = text.split("=", 1)[1]
-    return out
-
-# %% ../nbs/06_jobs.ipynb #c015
-@dataclass
-class JobResult:
-    "How a job ended."
-    name: str
-    job_name: str
-    stage: str
-    status: str                   # Completed | Failed | Stopped
-    failure: str = ""
-    seconds: float = 0.0
-    notebook_url: str = ""
-    returncode: int = 0
-    backend: str = "local"
-    job_dir: str = ""             # the stand-in /opt/ml, when kept
-
-def checkpoint_prefix(spec: JobSpec) -> str:
-    "Store prefix of a job's checkpoints: `models/checkpoints/{run_id}/{name}`."
-    return f"{JOB_CHECKPOINT_PREFIX}/{spec.run_id}/{spec.name}"
-
-def _link_channels(store: Store, folder: Path) -> dict[str, Path]:
-    "Put the processed splits into `input/data/{train,val,test}` (links for a local store), as SageMaker channels do."
-    if not store.exists(DATA_REPORT_KEY): return {}
-    report = store.read_json(DATA_REPORT_KEY)
-    out = {}
-    for split in SPLITS:
-        key = report["splits"][split]["key"]
-        dest = folder/split/Path(key).name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        src = store.local_path(key) if isinstance(store, LocalStore) else None
-        if src is not None and src.exists(): os.symlink(src, dest)
-        else: store.download_file(key, dest)
-        out[split] = dest.parent
-    return out
-
-def local_job_env(spec: JobSpec, root: Path, channels: dict[str, Path], gpu: Optional[str] = None,
-                  base: Optional[dict] = None) -> dict[str, str]:
-    "The environment of a local job: this one plus what SageMaker would set, pointing into `root`."
-    env = dict(os.environ if base is None else base)
-    hps = {k: as_string(v) for k, v in spec.params.items()}
-    env.update({"NLPMT_OPT_ML": str(root), "NLPMT_RUN_ID": spec.run_id, "NLPMT_JOB_NAME": spec.job_name,
-                "NLPMT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1", **config_env(spec.overrides), **spec.env})
-    if spec.kind == "training":
-        env.update({"TRAINING_JOB_NAME": spec.job_name, "SM_MODEL_DIR": str(root/"model"),
-                    "SM_OUTPUT_DIR": str(root/"output"), "SM_OUTPUT_DATA_DIR": str(root/"output"/"data"),
-                    "SM_INPUT_DIR": str(root/"input"), "SM_INPUT_CONFIG_DIR": str(root/"input"/"config"),
-                    "SM_CHANNELS": json.dumps(sorted(channels)), "SM_HPS": json.dumps(hps),
-                    "SM_CURRENT_HOST": "algo-1", "SM_HOSTS": '["algo-1"]', "SM_NUM_CPUS": str(os.cpu_count() or 1),
-                    "SM_NUM_GPUS": str(len(gpu.split(",")) if gpu else len(visible_gpus(env)))})
-        env.update({f"SM_CHANNEL_{c.upper()}": str(p) for c, p in channels.items()})
-        env.update({f"SM_HP_{k.upper()}": v for k, v in hps.items()})
-    ckpt = local_checkpoint_dir(spec)
-    if ckpt: env["NLPMT_CHECKPOINT_DIR"] = str(ckpt)
-    if gpu is not None: env["CUDA_VISIBLE_DEVICES"] = gpu
-    return env
-
-def local_checkpoint_dir(spec: JobSpec) -> Optional[Path]:
-    "For a local store, its `models/checkpoints` folder (checkpoints persist there, so a rerun resumes); else None."
-    store = open_store(spec.store)
-    return store.local_path(JOB_CHECKPOINT_PREFIX) if isinstance(store, LocalStore) else None
-
-def prepare_local_job(spec: JobSpec, root: Path, gpu: Optional[str] = None) -> tuple[list[str], dict]:
-    "Lay out `root` like `/opt/ml` for `spec`; return the runner command and its environment."
-    for sub in ("input/config", "input/data", "model", "output/data", "checkpoints", "processing/input", "processing/output"):
-        (root/sub).mkdir(parents=True, exist_ok=True)
-    store = open_store(spec.store)
-    cmd = [sys.executable, "-m", "nlpmt.runner", "--stage", spec.notebook, "--store", spec.store,
-           "--run-id", spec.run_id, "--name", spec.name]
-    channels = {}
-    if spec.kind == "training":
-        (root/"input/config/hyperparameters.json").write_text(json.dumps({k: as_string(v) for k, v in spec.params.items()}))
-        (root/"input/config/resourceconfig.json").write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
-        channels = _link_channels(store, root/"input"/"data")
-        if local_checkpoint_dir(spec) is None and store.list(checkpoint_prefix(spec)):
-            store.download_dir(checkpoint_prefix(spec), root/"checkpoints", progress=False)
-    else:
-        cmd += param_args(spec.params)
-    return cmd, local_job_env(spec, root, channels, gpu)
-
-# %% ../nbs/06_jobs.ipynb #c017
-def _read_text(path: Path) -> str:
-    "A file's text, or '' if it does not exist."
-    try: return path.read_text(encoding="utf-8").strip()
-    except OSError: return ""
-
-def _setup_local_job(spec: JobSpec, gpu: Optional[str], keep: bool, grace_seconds: float):
-    "Stamp the job name, lay out its folder, write its finishing plan; returns (spec, root, store, cmd, env)."
-    spec = dataclasses.replace(spec, job_name=with_timestamp(spec.job_name))
-    root = Path(tempfile.mkdtemp(prefix=f"nlpmt-job-{spec.name}-"))
-    store = open_store(spec.store)
-    cmd, env = prepare_local_job(spec, root, gpu)
-    remote_ckpt = checkpoint_prefix(spec) if spec.kind == "training" and local_checkpoint_dir(spec) is None else None
-    write_job_plan(root, spec.store, f"results/notebooks/{spec.run_id}/{spec.name}.log", remote_ckpt, keep)
-    env[STOP_GRACE_ENV] = str(grace_seconds)
-    return spec, root, store, cmd, env
-
-def run_local(spec: JobSpec, gpu: Optional[str] = None, prefix: str = "", out=None, keep: bool = False,
-              grace_seconds: float = 150.0) -> JobResult:
-    "Run one job with the local backend (a runner subprocess over a temporary `/opt/ml`); returns its result."
-    out = out or sys.stdout
-    start = time.time()
-    spec, root, store, cmd, env = _setup_local_job(spec, gpu, keep, grace_seconds)
-    log_path = root/"job.log"
-    print(f"{prefix}nlpmt: job {spec.job_name} (stage {spec.name}, run {spec.run_id}) on this machine"
-          + (f", GPU {gpu}" if gpu else ""), file=out, flush=True)
-    interrupted = None
-    watch_fd, alive_fd = parent_pipe()          # the job stops by itself if this process dies (see nlpmt.supervise)
-    env[PARENT_FD_ENV] = str(watch_fd)
-    try:
-        with open(log_path, "wb") as log:       # the job writes its own log: nothing breaks if this process dies
-            proc = subprocess.Popen(cmd, env=env, cwd=str(project_root_or_cwd()), stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(watch_fd,))
-    except BaseException:                       # no job started: nothing to stop, nothing to keep
-        os.close(alive_fd); shutil.rmtree(root, ignore_errors=True); raise
-    finally: os.close(watch_fd)
-    ended = threading.Event()
-    follower = threading.Thread(target=follow_file, args=(log_path, [out], ended, prefix), daemon=True)
-    follower.start()
-    with _running_lock: _running[spec.job_name] = proc
-    try:
-        try: rc = proc.wait()
-        except KeyboardInterrupt as e:          # Ctrl-C, SIGTERM or SIGHUP (nlpmt.supervise.StopRequested)
-            interrupted = e
-            print(f"\n{prefix}nlpmt: stopping {spec.job_name}: SIGTERM sent, the stage may save a checkpoint "
-                  f"(up to {grace_seconds:.0f} s; Ctrl-C again to kill)", file=out, flush=True)
-            proc.send_signal(signal.SIGTERM)
-            try: rc = proc.wait(grace_seconds)
-            except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL); rc = proc.wait()
-    finally:
-        os.close(alive_fd)                      # the runner has ended (or we are dying: then it stops itself)
-        with _running_lock: _running.pop(spec.job_name, None)
-        ended.set()
-    follower.join(10)
-    failure = _read_text(root/"output"/"failure")
-    status = "Completed" if rc == 0 else ("Stopped" if rc in (143, -15) or interrupted else "Failed")
-    if status != "Completed" and not failure: failure = f"runner exited with code {rc} (see {spec.name}.log)"
-    finish_local_job(root, out=out, prefix=prefix)   # log (and remote checkpoints) to the store, folder removed
-    result = JobResult(spec.name, spec.job_name, stage_name(spec.notebook), status, failure, time.time() - start,
-                       store.url(notebook_key(spec.run_id, spec.name)), rc, job_dir=str(root) if keep else "")
-    if interrupted is not None: raise JobInterrupted([result], getattr(interrupted, "signum", signal.SIGINT))
-    return result
-
-_running: dict[str, subprocess.Popen] = {}
-_running_lock = threading.Lock()
-
-class JobInterrupted(KeyboardInterrupt):
-    "Ctrl-C (or SIGTERM/SIGHUP) stopped local jobs; carries their results and the signal."
-    def __init__(self, results: list, signum: int = signal.SIGINT):
-        super().__init__(", ".join(r.job_name for r in results)); self.results, self.signum = results, int(signum)
-
-def project_root_or_cwd() -> Path:
-    "The project root when there is one (the runner finds the configs there), else the current folder."
-    try: return project_root()
-    except FileNotFoundError: return Path.cwd()
-
-# %% ../nbs/06_jobs.ipynb #c017b
-def start_local_detached(spec: JobSpec, gpu: Optional[str] = None, out=None) -> JobResult:
-    "Start one local job that outlives this command (`nlpmt run --detach`); returns at once with status Running."
-    out = out or sys.stdout
-    spec, root, store, cmd, env = _setup_local_job(spec, gpu, keep=False, grace_seconds=150.0)
-    env[DETACHED_ENV] = "1"                      # the job uploads its log and removes its folder when it ends
-    with open(root/"job.log", "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=str(project_root_or_cwd()), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    proc.returncode = 0                          # not ours to wait for: keep Popen from warning that it still runs
-    url = store.url(notebook_key(spec.run_id, spec.name))
-    print(f"nlpmt: job {spec.job_name} (stage {spec.name}, run {spec.run_id}) runs detached as process {proc.pid}\n"
-          f"  log while it runs: {root/'job.log'}\n  when it ends: {url} (+ .json, .log)\n"
-          f"  stop it (it checkpoints first): kill -TERM {proc.pid}", file=out, flush=True)
-    return JobResult(spec.name, spec.job_name, stage_name(spec.notebook), "Running", "", 0.0, url, 0, job_dir=str(root))
-
-# %% ../nbs/06_jobs.ipynb #c021
-def visible_gpus(env: Optional[dict] = None) -> list[str]:
-    "GPU ids jobs may use: `CUDA_VISIBLE_DEVICES` when set, else the GPUs `nvidia-smi` lists (none without it)."
-    env = os.environ if env is None else env
-    if env.get("CUDA_VISIBLE_DEVICES") is not None:
-        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() and g.strip() != "-1"]
-    exe = shutil.which("nvidia-smi")
-    if not exe: return []
-    try: listing = subprocess.run([exe, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError): return []
-    return [line.strip() for line in listing.splitlines() if line.strip().isdigit()]
-
-def run_local_many(specs: list[JobSpec], gpus: Optional[list[str]] = None, out=None, stop_on_failure: bool = False) -> list[JobResult]:
-    "Run jobs locally: in parallel one per GPU when several GPUs are visible, else one after another."
-    gpus = visible_gpus() if gpus is None else gpus
-    if len(specs) <= 1 or len(gpus) < 2:
-        results = []
-        for spec in specs:
-            results.append(run_local(spec, out=out))
-            if stop_on_failure and results[-1].status != "Completed": break
-        return results
-    free, lock, results, stopping = list(gpus), threading.Lock(), {}, threading.Event()
-    slots = threading.Semaphore(len(gpus))
-    def work(i, spec):
-        with lock: gpu = free.pop(0)
-        try: results[i] = run_local(spec, gpu=gpu, prefix=f"[{spec.name}] ", out=out)
-        except BaseException as e:
-            results[i] = JobResult(spec.name, spec.job_name, stage_name(spec.notebook), "Failed", f"{type(e).__name__}: {e}")
-        finally:
-            with lock: free.append(gpu)
-            slots.release()
-    threads = []
-    try:
-        for i, spec in enumerate(specs):
-            while not slots.acquire(timeout=0.5): pass
-            if stopping.is_set(): break
-            t = threading.Thread(target=work, args=(i, spec), daemon=True); t.start(); threads.append(t)
-        for t in threads:
-            while t.is_alive(): t.join(0.5)
-    except KeyboardInterrupt as e:
-        stopping.set()
-        print("\nnlpmt: stopping all jobs (SIGTERM sent; stages may save checkpoints)", file=out or sys.stdout, flush=True)
-        with _running_lock: procs = list(_running.values())
-        for proc in procs: proc.send_signal(signal.SIGTERM)
-        for t in threads: t.join(180)
-        raise JobInterrupted([results[i] for i in sorted(results)], getattr(e, "signum", signal.SIGINT))
-    return [results[i] for i in range(len(threads))]
-
-# %% ../nbs/06_jobs.ipynb #c024
-BUNDLE_SKIP = {"torch", "nbdev", "jupyterlab", "sagemaker"}   # in the image already, or not needed to run a stage
-
-JOB_SCRIPT = """#!/bin/bash
-# Entry point of nlpmt SageMaker jobs: install what the image lacks, then run the stage notebook.
-set -euo pipefail
-cd "$(dirname "$0")"
-PY=$(command -v python3 || command -v python)
-"$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt
-exec "$PY" -m nlpmt.runner "$@"
-"""
-JOB_COMMAND = "exec bash nlpmt_job.sh"   # Training: `exec` so the runner replaces sm_train.sh's shells as PID 1
-
-def bundle_requirements() -> list[str]:
-    "The package's requirements, less those in `BUNDLE_SKIP`."
-    from importlib.metadata import requires, PackageNotFoundError
-    try: reqs = requires("nlpmt") or []
-    except PackageNotFoundError: reqs = []
-    out = []
-    for r in reqs:
-        if ";" in r and "extra" in r.split(";", 1)[1]: continue
-        name = re.split(r"[<>=!~\[; ]", r, 1)[0].strip().lower().replace("_", "-")
-        if name not in BUNDLE_SKIP: out.append(r.split(";")[0].strip())
-    return out
-
-def make_bundle(spec: JobSpec, config, dest: str | Path) -> Path:
-    "Write a job's code bundle to `dest`: package, notebooks, configs, requirements and the entry script."
-    import nlpmt
-    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
-    shutil.copytree(Path(nlpmt.__file__).parent, dest/"nlpmt", ignore=ignore, dirs_exist_ok=True)
-    (dest/"nbs").mkdir(exist_ok=True)
-    for stage in STAGES:
-        try: shutil.copy2(stage_notebook(stage), dest/"nbs")
-        except ParameterError: pass
-    shutil.copy2(spec.notebook, dest/"nbs"/Path(spec.notebook).name)
-    shutil.copytree(config.config_dir, dest/"configs", ignore=ignore, dirs_exist_ok=True)
-    tracking = ["mlflow-skinny>=3.17", "sagemaker-mlflow>=0.5"] if getattr(config.project, "tracking_uri", None) else []
-    (dest/"requirements.txt").write_text("\n".join(bundle_requirements() + tracking) + "\n")   # MLflow client when tracking is on
-    (dest/"nlpmt_job.sh").write_text(JOB_SCRIPT)
-    dist = dest/f"nlpmt-{nlpmt.__version__}.dist-info"; dist.mkdir(exist_ok=True)
-    (dist/"METADATA").write_text(f"Metadata-Version: 2.1\nName: nlpmt\nVersion: {nlpmt.__version__}\n")
-    return dest
-
-def bundle_stage_arg(spec: JobSpec) -> str:
-    "How the runner inside the bundle finds the notebook: the stage name, or `nbs/FILE` for any other notebook."
-    return spec.stage if spec.stage in STAGES else f"nbs/{Path(spec.notebook).name}"
-
-# %% ../nbs/06_jobs.ipynb #c027
-@dataclass
-class SubmittedJob:
-    "A SageMaker job that was created."
-    job_name: str
-    kind: str
-    name: str
-    run_id: str
-    store: str
-    notebook_url: str
-    instance_type: str
-    spot: bool
-
-def sagemaker_session(store: S3Store, config, boto_session=None):
-    "A SageMaker SDK session whose default bucket is the store's (code goes below `{prefix}/code`)."
-    import boto3
-    from sagemaker.core.helper.session_helper import Session
-    boto_session = boto_session or boto3.session.Session(region_name=config.project.region)
-    return Session(boto_session=boto_session, default_bucket=store.bucket,
-                   default_bucket_prefix=join_key(store.prefix, JOB_CODE_PREFIX) or None)
-
-def image_uri(config, instance_type: str) -> str:
-    "The job image: `project.image_uri`, else the SageMaker PyTorch framework image for the instance type."
-    if config.project.image_uri: return config.project.image_uri
-    from sagemaker.core import image_uris
-    return image_uris.retrieve("pytorch", region=config.project.region, version=config.project.framework_version,
-                               py_version=config.project.py_version, instance_type=instance_type, image_scope="training")
-
-def job_tags(spec: JobSpec, config) -> list[dict]:
-    "The project's tags plus the stage, run and model of this job."
-    tags = {**config.project.tags, "nlpmt:stage": stage_name(spec.notebook), "nlpmt:run-id": spec.run_id}
-    if spec.model: tags["nlpmt:model"] = model_short_name(spec.model)
-    return [{"Key": k, "Value": str(v)} for k, v in tags.items()]
-
-def job_environment(spec: JobSpec) -> dict[str, str]:
-    "Environment of a SageMaker job: run id, git commit, unbuffered output and config overrides."
-    return {"NLPMT_RUN_ID": spec.run_id, "NLPMT_GIT_COMMIT": git_commit(), "PYTHONUNBUFFERED": "1",
-            **config_env(spec.overrides), **spec.env}
-
-def _role(config, role: Optional[str]) -> str:
-    "The execution role: `--role`, else `project.role_arn`; a clear error when neither is set."
-    role = role or config.project.role_arn
-    if not role: raise ConfigError("no SageMaker execution role: pass --role ARN or set project.role_arn in "
-                                   "configs/project.yaml (`nlpmt aws bootstrap` writes it)")
-    return role
-
-def check_cloud_job(spec: JobSpec, config) -> None:
-    "Refuse, with what to do instead, a job a SageMaker container could not run: a local store or local input files."
-    if not spec.store.startswith("s3://"):
-        raise ConfigError(f"the SageMaker backend needs an s3:// store, got {spec.store!r}: pass --store s3://bucket/prefix "
-                          "or set project.store (copy local results up with `nlpmt sync up`)")
-    if stage_name(spec.notebook) in STAGES and stage_spec(stage_name(spec.notebook)).reads_raw:
-        from nlpmt.datasets import dataset_paths   # parameters, config and dataset profile, as the stage reads them
-        for field_, path in dataset_paths(config, spec.params).items():
-            path = path or ""
-            if path and "://" not in path and not path.startswith("data/"):
-                raise ConfigError(f"data.{field_} {path!r} is a file on this machine, which a SageMaker job cannot read: "
-                                  f"copy it into the store under data/raw/ (e.g. `nlpmt sync up {spec.store}`) and pass "
-                                  f"-p {field_} data/raw/NAME, or use -p raw_path ag_news://test")
-
-def _cloud_params(spec: JobSpec) -> dict:
-    "The job's parameters for a container: a local `config_dir` is dropped (the bundle carries those configs)."
-    return {k: v for k, v in spec.params.items() if not (k == "config_dir" and v and os.path.isabs(str(v)))}
-
-class _QuietSDK:
-    "Drop two SDK warnings that are wrong for these jobs (hyper-parameters reach the runner through their file; the region is the session's)."
-    NOISE = ("Hyperparameters are set but are not passed", "No region provided")
-    def filter(self, record): return not str(record.msg).startswith(self.NOISE)
-    def __enter__(self):
-        import logging
-        self.logger = logging.getLogger("sagemaker.core.utils.utils"); self.logger.addFilter(self)
-    def __exit__(self, *exc): self.logger.removeFilter(self)
-
-def submit_sagemaker(spec: JobSpec, config, instance_type: Optional[str] = None, spot: Optional[bool] = None,
-                     role: Optional[str] = None, boto_session=None) -> SubmittedJob:
-    "Create the SageMaker Training or Processing job for `spec` (returns at once; see `wait_for_job`)."
-    with _QuietSDK(): return _submit(spec, config, instance_type, spot, role, boto_session)
-
-def _submit(spec: JobSpec, config, instance_type, spot, role, boto_session) -> SubmittedJob:
-    "`submit_sagemaker` without the SDK noise."
-    check_cloud_job(spec, config)
-    store = open_store(spec.store)
-    role = _role(config, role)
-    session = sagemaker_session(store, config, boto_session)
-    p = config.project
-    with tempfile.TemporaryDirectory(prefix="nlpmt-bundle-") as tmp:
-        bundle = make_bundle(spec, config, tmp)
-        args = ["--stage", bundle_stage_arg(spec), "--store", spec.store, "--run-id", spec.run_id, "--name", spec.name]
-        if spec.kind == "training":
-            itype = instance_type or p.training_instance_type
-            spot = p.use_spot if spot is None else spot
-            name = _submit_training(spec, config, session, bundle, args, itype, spot, role, store)
-        else:
-            itype, spot = instance_type or p.processing_instance_type, False
-            name = _submit_processing(spec, config, session, bundle, args, itype, role)
-    return SubmittedJob(name, spec.kind, spec.name, spec.run_id, spec.store,
-                        store.url(notebook_key(spec.run_id, spec.name)), itype, bool(spot))
-
-def _training_channels(store: S3Store) -> list:
-    "Input channels train/val/test pointing at the processed splits (the data stage must have run)."
-    from sagemaker.core.training.configs import InputData
-    from nlpmt.storage import read_data_report
-    report = read_data_report(store)
-    return [InputData(channel_name=s, data_source=store.url(report["splits"][s]["key"])) for s in SPLITS]
-
-def _submit_training(spec, config, session, bundle, args, itype, spot, role, store) -> str:
-    "Create a Training job through `ModelTrainer`; returns its name."
-    from sagemaker.train import ModelTrainer
-    from sagemaker.core.training.configs import SourceCode, Compute, OutputDataConfig, CheckpointConfig
-    from sagemaker.core.shapes import StoppingCondition, MetricDefinition, Tag
-    p = config.project
-    if spot and p.max_wait_seconds < p.max_run_seconds:
-        raise ConfigError(f"project.max_wait_seconds ({p.max_wait_seconds}) must be >= project.max_run_seconds "
-                          f"({p.max_run_seconds}) for spot training")
-    stopping = StoppingCondition(max_runtime_in_seconds=p.max_run_seconds,
-                                 **({"max_wait_time_in_seconds": p.max_wait_seconds} if spot else {}))
-    source, distributed = SourceCode(source_dir=str(bundle), command=JOB_COMMAND, args=args), None
-    if p.instance_count > 1:       # one model across instances: the SDK's Torchrun driver starts nlpmt.train's processes
-        from nlpmt.train import torchrun_source
-        source, distributed = torchrun_source(bundle, args, int(spec.params.get("nproc") or 0))
-    trainer = ModelTrainer(
-        sagemaker_session=session, role=role, base_job_name=spec.job_name, training_image=image_uri(config, itype),
-        source_code=source, distributed=distributed,
-        compute=Compute(instance_type=itype, instance_count=p.instance_count, enable_managed_spot_training=bool(spot)),
-        stopping_condition=stopping,
-        output_data_config=OutputDataConfig(s3_output_path=store.url(JOB_OUTPUT_PREFIX)),
-        checkpoint_config=CheckpointConfig(s3_uri=store.url(checkpoint_prefix(spec)), local_path="/opt/ml/checkpoints"),
-        hyperparameters={k: as_string(v) for k, v in _cloud_params(spec).items()},
-        environment=job_environment(spec),
-        tags=[Tag(key=t["Key"], value=t["Value"]) for t in job_tags(spec, config)],
-        input_data_config=_training_channels(store))
-    trainer.with_metric_definitions([MetricDefinition(name=d["Name"], regex=d["Regex"]) for d in METRIC_DEFINITIONS])
-    trainer.train(wait=False, logs=False)
-    return trainer._latest_training_job.training_job_name
-
-def _submit_processing(spec, config, session, bundle, args, itype, role) -> str:
-    "Create a Processing job through `sagemaker.core.processing.Processor`; returns its name."
-    from sagemaker.core.processing import Processor
-    from sagemaker.core.shapes import ProcessingInput, ProcessingS3Input
-    p = config.project
-    code_dir = "/opt/ml/processing/input/code"
-    proc = Processor(role=role, image_uri=image_uri(config, itype), instance_count=p.instance_count, instance_type=itype,
-                     entrypoint=["bash", f"{code_dir}/nlpmt_job.sh"], max_runtime_in_seconds=p.max_run_seconds,
-                     sagemaker_session=session, env=job_environment(spec), tags=job_tags(spec, config))
-    code = ProcessingInput(input_name="code", s3_input=ProcessingS3Input(
-        s3_uri=str(bundle), local_path=code_dir, s3_data_type="S3Prefix", s3_input_mode="File"))
-    proc.run(inputs=[code], arguments=args + param_args(_cloud_params(spec)), wait=False, logs=False,
-             job_name=with_timestamp(spec.job_name))
-    return proc.latest_job.processing_job_name
-
-# %% ../nbs/06_jobs.ipynb #c029
-TERMINAL = ("Completed", "Failed", "Stopped")
-LOG_GROUPS = JOB_LOG_GROUPS   # the groups the execution role may write (nlpmt.aws)
-
-@dataclass
-class JobStatus:
-    "What SageMaker says about a job."
-    job_name: str
-    kind: str
-    status: str
-    secondary_status: str = ""
-    failure_reason: str = ""
-    instance_type: str = ""
-    instance_count: int = 1
-    spot: bool = False
-    created: Any = None
-    started: Any = None
-    ended: Any = None
-    training_seconds: Optional[int] = None
-    billable_seconds: Optional[int] = None
-    tags: dict = field(default_factory=dict)
-    environment: dict = field(default_factory=dict)
-
-    @property
-    def run_seconds(self) -> Optional[float]:
-        "Seconds the job ran (training time, else start to end/now)."
-        if self.training_seconds is not None: return float(self.training_seconds)
-        if not self.started: return None
-        import datetime as _dt
-        end = self.ended or _dt.datetime.now(self.started.tzinfo)
-        return max(0.0, (end - self.started).total_seconds())
-
-def sagemaker_client(boto_session=None, region: Optional[str] = None):
-    "A SageMaker client (honours `AWS_ENDPOINT_URL`)."
-    if boto_session is not None: return boto_session.client("sagemaker")
-    from nlpmt.storage import boto_client
-    return boto_client("sagemaker", region)
-
-def _is_missing(e) -> bool:
-    "True for the errors SageMaker returns for an unknown job name."
-    code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("ValidationException", "ResourceNotFound", "ResourceNotFoundException") or "not found" in str(e).lower() \
-        or "could not find" in str(e).lower() or "does not exist" in str(e).lower()
-
-def describe_job(name: str, client=None) -> JobStatus:
-    "Status of a Training or Processing job by name; a clear error when neither exists."
-    client = client or sagemaker_client()
-    from botocore.exceptions import ClientError
-    try: d = client.describe_training_job(TrainingJobName=name)
-    except ClientError as e:
-        if not _is_missing(e): raise
-        d = None
-    if d is not None:
-        rc = d.get("ResourceConfig", {})
-        tags = {}
-        try: tags = {t["Key"]: t["Value"] for t in client.list_tags(ResourceArn=d["TrainingJobArn"]).get("Tags", [])}
-        except Exception: pass
-        return JobStatus(name, "training", d["TrainingJobStatus"], d.get("SecondaryStatus", ""), d.get("FailureReason", ""),
-                         rc.get("InstanceType", ""), rc.get("InstanceCount", 1), bool(d.get("EnableManagedSpotTraining")),
-                         d.get("CreationTime"), d.get("TrainingStartTime"), d.get("TrainingEndTime"),
-                         d.get("TrainingTimeInSeconds"), d.get("BillableTimeInSeconds"), tags, d.get("Environment", {}))
-    try: d = client.describe_processing_job(ProcessingJobName=name)
-    except ClientError as e:
-        if _is_missing(e): raise ValueError(f"no SageMaker training or processing job named {name!r} "
-                                            f"(see `nlpmt jobs list`)") from None
-        raise
-    cc = d.get("ProcessingResources", {}).get("ClusterConfig", {})
-    failure = d.get("FailureReason", "") or (d.get("ExitMessage", "") if d["ProcessingJobStatus"] == "Failed" else "")
-    return JobStatus(name, "processing", d["ProcessingJobStatus"], "", failure, cc.get("InstanceType", ""),
-                     cc.get("InstanceCount", 1), False, d.get("CreationTime"), d.get("ProcessingStartTime"),
-                     d.get("ProcessingEndTime"), None, None, {}, d.get("Environment", {}))
-
-def list_jobs(client=None, name_contains: str = "", limit: int = 20) -> list[dict]:
-    "The newest Training and Processing jobs (name containing `name_contains`), newest first."
-    client = client or sagemaker_client()
-    kw = {"NameContains": name_contains} if name_contains else {}
-    rows = []
-    for kind, call, key, status in (("training", client.list_training_jobs, "TrainingJobSummaries", "TrainingJobStatus"),
-                                    ("processing", client.list_processing_jobs, "ProcessingJobSummaries", "ProcessingJobStatus")):
-        for s in call(MaxResults=min(100, max(1, limit)), SortBy="CreationTime", SortOrder="Descending", **kw).get(key, []):
-            name = s.get("TrainingJobName") or s.get("ProcessingJobName")
-            rows.append({"name": name, "kind": kind, "status": s[status], "created": s.get("CreationTime"),
-                         "ended": s.get("TrainingEndTime") or s.get("ProcessingEndTime")})
-    rows.sort(key=lambda r: r["created"] or 0, reverse=True)
-    return rows[:limit]
-
-def stop_job(name: str, client=None) -> JobStatus:
-    "Ask SageMaker to stop a job (the job gets SIGTERM and 120 s to checkpoint)."
-    client = client or sagemaker_client()
-    st = describe_job(name, client)
-    if st.status in TERMINAL: return st
-    if st.kind == "training": client.stop_training_job(TrainingJobName=name)
-    else: client.stop_processing_job(ProcessingJobName=name)
-    return describe_job(name, client)
-
-def log_events(name: str, kind: str, logs_client=None, tokens: Optional[dict] = None):
-    "New CloudWatch log events of a job (all streams, merged by time); `tokens` remembers where each stream was."
-    from nlpmt.storage import boto_client
-    logs = logs_client or boto_client("logs")
-    tokens = {} if tokens is None else tokens
-    group, events = LOG_GROUPS[kind], []
-    try: streams = logs.describe_log_streams(logGroupName=group, logStreamNamePrefix=f"{name}/").get("logStreams", [])
-    except logs.exceptions.ResourceNotFoundException: return []
-    for s in streams:
-        stream = s["logStreamName"]
-        while True:
-            kw = {"nextToken": tokens[stream]} if stream in tokens else {"startFromHead": True}
-            page = logs.get_log_events(logGroupName=group, logStreamName=stream, **kw)
-            events += [(e["timestamp"], stream, e["message"]) for e in page.get("events", [])]
-            done = page.get("nextForwardToken") == tokens.get(stream) or not page.get("events")
-            tokens[stream] = page.get("nextForwardToken", tokens.get(stream))
-            if done: break
-    return sorted(events)
-
-# %% ../nbs/06_jobs.ipynb #c031
-def job_cost_info(st: JobStatus) -> dict:
-    "What a job cost (or is costing): the seconds and rate used, the on-demand comparison and spot savings, and the assumption made."
-    info = {"billable_seconds": st.billable_seconds, "seconds": None, "seconds_source": None, "usd": None,
-            "on_demand_usd": None, "usd_per_hour": None, "spot_savings_pct": None, "spot_savings_source": None,
-            "estimated": False, "assumption": "", "note": ""}
-    n = st.instance_count or 1
-    times = f" × {n} instances" if n > 1 else ""
-    if st.billable_seconds is not None:
-        seconds, source, discounted = st.billable_seconds, "billable", True
-    else:
-        seconds, source, discounted = st.run_seconds, "wall-clock", False
-    info.update(seconds=seconds, seconds_source=source, estimated=source != "billable")
-    if seconds is None or not st.instance_type:
-        info["note"] = "cost unavailable: the job has not started"; return info
-    try:
-        on_demand_rate = instance_price(st.instance_type)
-        if source == "billable":
-            info["usd"] = job_cost(st.instance_type, seconds, st.spot, n, discounted=True)
-            info["usd_per_hour"] = on_demand_rate
-            info["assumption"] = (f"{seconds} billable s{times} × on-demand ${on_demand_rate:.3f}/h"
-                                  + ("; SageMaker already took the managed-spot discount off the billable seconds" if st.spot else ""))
-            if st.spot and st.training_seconds:
-                info["on_demand_usd"] = job_cost(st.instance_type, st.training_seconds, False, n, discounted=False)
-                info["spot_savings_pct"] = round(100 * (1 - st.billable_seconds / st.training_seconds), 1)
-                info["spot_savings_source"] = "SageMaker: 1 - billable/training seconds"
-        else:
-            rate = instance_price(st.instance_type, spot=st.spot)
-            info["usd"] = job_cost(st.instance_type, seconds, st.spot, n, discounted=False)
-            info["usd_per_hour"] = rate
-            why = ("a processing job reports no billable time" if st.kind == "processing" else
-                   "SageMaker reported no billable time" if st.status in TERMINAL else "no billable time until the job ends")
-            info["assumption"] = (f"estimate: {seconds:.0f} wall-clock s{times} × "
-                                  + (f"typical spot ${rate:.3f}/h (SageMaker bills the actual spot price)" if st.spot
-                                     else f"on-demand ${rate:.3f}/h") + f"; {why}")
-            if st.spot:
-                info["on_demand_usd"] = job_cost(st.instance_type, seconds, False, n, discounted=False)
-                info["spot_savings_pct"] = round(100 * (1 - rate / on_demand_rate), 1)
-                info["spot_savings_source"] = "typical: spot vs on-demand price in the table"
-        info["assumption"] += f" (prices: {asset_path('instance_prices.csv').name})"
-    except ValueError as e: info["note"] = f"cost unavailable: {e}"
-    return info
-
-def format_cost_lines(info: dict) -> list[str]:
-    "The cost part of `nlpmt jobs status`: billable seconds, cost, on-demand comparison, spot savings, assumption."
-    billable = info["billable_seconds"]
-    lines = [f"billable seconds: {billable}" if billable is not None else
-             f"billable seconds: - (none reported; {info['seconds_source'] or 'no'} seconds used)"]
-    if info["usd"] is None:
-        if info["note"]: lines.append(f"cost:             {info['note']}")
-        return lines
-    lines.append(f"cost:             {'~' if info['estimated'] else ''}${info['usd']:.4f}")
-    if info["on_demand_usd"] is not None: lines.append(f"on demand:        {'~' if info['estimated'] else ''}${info['on_demand_usd']:.4f}")
-    if info["spot_savings_pct"] is not None:
-        lines.append(f"spot savings:     {info['spot_savings_pct']:.1f}% ({info['spot_savings_source']})")
-    lines.append(f"assumed:          {info['assumption']}")
-    return lines
-
-# %% ../nbs/06_jobs.ipynb #c034
-def _hms(seconds: Optional[float]) -> str:
-    "Seconds as h:mm:ss."
-    if seconds is None: return "-"
-    s = int(seconds); return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-def wait_for_job(name: str, client=None, poll: float = 30.0, heartbeat: float = 300.0, logs: bool = False,
-                 out=None, logs_client=None) -> JobStatus:
-    "Poll a job until it ends, printing status changes (and its log lines with `logs`)."
-    out, client = out or sys.stdout, client or sagemaker_client()
-    start, last, last_print, tokens = time.time(), None, 0.0, {}
-    while True:
-        st = describe_job(name, client)
-        state = (st.status, st.secondary_status)
-        if logs:
-            for _, _, msg in log_events(name, st.kind, logs_client, tokens): print(msg, file=out)
-        if state != last or time.time() - last_print >= heartbeat:
-            extra = f" / {st.secondary_status}" if st.secondary_status else ""
-            print(f"[{_hms(time.time() - start)}] {name}: {st.status}{extra}", file=out, flush=True)
-            last, last_print = state, time.time()
-        if st.status in TERMINAL: return st
-        time.sleep(poll)
-
-# %% ../nbs/06_jobs.ipynb #c036
-def format_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
-    "A plain-text table of dict rows."
-    if not rows: return "(none)"
-    columns = columns or list(rows[0])
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-    width = {c: max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(width[c]) for c in columns), "  ".join("-" * width[c] for c in columns)]
-    lines += ["  ".join(cell(r.get(c)).ljust(width[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-def results_table(store: Store) -> list[dict]:
-    "One row per metrics file in the store, best validation macro-F1 first."
-    rows = []
-    keys = [k for k in store.list("results") if k.endswith("_metrics.json") and k.count("/") == 2]
-    for key in keys:
-        try: rec = store.read_json(key)
-        except StoreError: continue
-        try: rows.append({"model": rec["model"], "stage": rec["stage"], "val_macro_f1": rec["validation"]["macro_f1"],
-                          "test_macro_f1": rec["test"]["macro_f1"], "test_accuracy": rec["test"]["accuracy"],
-                          "fit_s": f"{float(rec.get('fit_seconds') or 0):.1f}", "file": key})
-        except (KeyError, TypeError): rows.append({"model": key, "stage": "?", "file": key})
-    return sorted(rows, key=lambda r: -(r.get("val_macro_f1") or -1))
-
-def print_summary(results: list[JobResult], store_uri: str, out=None) -> None:
-    "Print the jobs table and the models table."
-    out = out or sys.stdout
-    rows = [{"stage": r.name, "job": r.job_name, "status": r.status, "time": _hms(r.seconds),
-             "notebook": r.notebook_url} for r in results]
-    print("\nJobs\n" + format_table(rows), file=out)
-    for r in results:
-        if r.status != "Completed": print(f"\n{r.name} {r.status.lower()}: {r.failure}", file=out)
-    try: models = results_table(open_store(store_uri))
-    except Exception as e:
-        models = []
-        print(f"(could not read the results in {store_uri}: {e})", file=out)
-    if models: print(f"\nModels in {store_uri} (best validation macro-F1 first)\n" + format_table(models), file=out)
+# %% ../nbs/06_jobs.ipynb #120ff69b
+from .backends import JobResult
 
 # %% ../nbs/06_jobs.ipynb #c039
 PIPELINE = stage_names()   # the stage registry's order (nlpmt.stages)
@@ -823,61 +52,42 @@ def pipeline_stages(out=None) -> list[str]:
             print("nlpmt: no report notebook yet: the pipeline skips the report stage", file=out or sys.stdout)
     return stages
 
-def run_pipeline(store: Optional[str] = None, backend: str = "local", config=None, params: Optional[dict] = None,
+# %% ../nbs/06_jobs.ipynb #a1efad29
+def run_pipeline(store: Optional[str] = None, backend: str | Backend = "local", config=None, params: Optional[dict] = None,
                  models: Optional[list] = None, run_id: Optional[str] = None, overrides: Iterable[str] = (),
-                 config_dir: Optional[str] = None, out=None, force: Iterable[str] = (), **sagemaker_kw) -> list[JobResult]:
+                 config_dir: Optional[str] = None, out=None, force: Iterable[str] = (), **backend_options) -> list[JobResult]:
     "Run data -> baseline -> transformer -> report as jobs, skipping stages that are up to date; stop at the first failure."
     out = out or sys.stdout
     config = config or load_config(config_dir, list(overrides))
+    runner = get_backend(backend, config, out, **backend_options)
     stages = pipeline_stages(out)
     per_stage = _pipeline_params(dict(params or {}), stages)
     run_id = run_id or new_run_id()
     plans = {s: plan_jobs(s, per_stage[s], store, config, models=models if stage_spec(s).per_model else None, run_id=run_id,
                           overrides=overrides, config_dir=config_dir) for s in stages}   # every check before any job
-    if backend != "local":
-        for s in stages:
-            for spec in plans[s]: check_cloud_job(spec, config)
+    for s in stages:
+        for spec in plans[s]: runner.check(spec)
     results = []
-    print(f"nlpmt: pipeline run {run_id}: {' -> '.join(stages)} ({backend} backend) into {plans[stages[0]][0].store}", file=out)
+    print(f"nlpmt: pipeline run {run_id}: {' -> '.join(stages)} ({runner.name} backend) into {plans[stages[0]][0].store}", file=out)
     from nlpmt.fingerprint import pipeline_step_skip, pipeline_step_done   # incremental runs (10/11 notebooks)
     upstream = {}
     for s in stages:
         skipped = pipeline_step_skip(s, plans[s], config, force, upstream, out)
         if skipped is not None: results += skipped; continue
-        if backend == "local": batch = run_local_many(plans[s], out=out)
-        elif backend == "container":
-            from nlpmt.container import run_container_many
-            batch = run_container_many(plans[s], config, out=out, **sagemaker_kw)
-        else: batch = run_sagemaker_many(plans[s], config, out=out, **sagemaker_kw)
+        batch = runner.run_many(plans[s])
         results += batch
         if any(r.status != "Completed" for r in batch): break
         pipeline_step_done(s, plans[s], batch, upstream)
     return results
 
-def run_sagemaker_many(specs: list[JobSpec], config, out=None, poll: float = 30.0, logs: bool = False, client=None,
-                       **submit_kw) -> list[JobResult]:
-    "Submit jobs to SageMaker and wait for all of them."
-    out = out or sys.stdout
-    submitted = [submit_sagemaker(s, config, **submit_kw) for s in specs]
-    for sj in submitted: print(f"nlpmt: started {sj.kind} job {sj.job_name}; notebook will be at {sj.notebook_url}", file=out)
-    results = []
-    for sj, spec in zip(submitted, specs):
-        start = time.time()
-        st = wait_for_job(sj.job_name, client or sagemaker_client(submit_kw.get("boto_session"), config.project.region),
-                          poll=poll, logs=logs, out=out)
-        results.append(JobResult(spec.name, sj.job_name, stage_name(spec.notebook), st.status, st.failure_reason,
-                                 st.run_seconds or time.time() - start, sj.notebook_url, 0 if st.status == "Completed" else 1,
-                                 "sagemaker"))
-    return results
-
-# %% ../nbs/06_jobs.ipynb #c041
+# %% ../nbs/06_jobs.ipynb #e52c0ed6
 def _add_backend_options(p) -> None:
     "Options shared by `run` and `pipeline`."
     from nlpmt.cli import add_config_options
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a notebook parameter (repeatable), converted to the type of its default")
     p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
-    p.add_argument("--backend", choices=["local", "sagemaker", "container"], default="local",
+    p.add_argument("--backend", choices=list(BACKENDS), default="local",
                    help="where the jobs run (default: local); container: the SageMaker request executed on this machine")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="training processes per machine for the transformer stage (DDP under torchrun; = -p nproc N)")
@@ -899,9 +109,10 @@ def _dataset_override(value: str) -> str:
     from nlpmt.datasets import dataset_override
     return dataset_override(value)
 
-def _sagemaker_kw(args) -> dict:
-    "Submission options from parsed arguments."
-    return {"instance_type": args.instance_type, "spot": args.spot, "role": args.role}
+# %% ../nbs/06_jobs.ipynb #6ab4e57a
+def _exit_code(results: list) -> int:
+    "0 when every job completed, else 1."
+    return 0 if results and all(r.status == "Completed" for r in results) else 1
 
 def cmd_run(args) -> int:
     "Run one stage (one job per model) on the chosen backend."
@@ -910,51 +121,37 @@ def cmd_run(args) -> int:
     if args.nproc: args.param.append(["nproc", str(args.nproc)])
     specs = plan_jobs(args.stage, dict(args.param), args.store, config, models=args.models, run_id=args.run_id,
                       kind=args.job_type, overrides=args.overrides, config_dir=args.config_dir)
-    if getattr(args, "detach", False):
-        if args.backend != "local": raise ParameterError("--detach is for the local backend (SageMaker jobs run on "
-                                                         "their own unless --wait is given)")
-        if len(specs) > 1: raise ParameterError(f"--detach starts one job; --models gave {len(specs)}: "
-                                                "start one detached job per model")
-        start_local_detached(specs[0]); return 0
-    if args.backend == "local":
-        try: results = run_local_many(specs)
-        except JobInterrupted as e: print_summary(e.results, specs[0].store); return 128 + e.signum
-        print_summary(results, specs[0].store)
-        return 0 if all(r.status == "Completed" for r in results) else 1
-    for s in specs: check_cloud_job(s, config)
-    if args.backend == "container":
-        from nlpmt.container import run_container_many, container_kw
-        results = run_container_many(specs, config, **_sagemaker_kw(args), **container_kw(args))
-        print_summary(results, specs[0].store)
-        return 0 if all(r.status == "Completed" for r in results) else 1
-    if not args.wait:
-        for s in specs:
-            sj = submit_sagemaker(s, config, **_sagemaker_kw(args))
-            print(f"{sj.job_name}\n  {sj.kind} job on {sj.instance_type}{' (spot)' if sj.spot else ''}; run {sj.run_id}\n"
-                  f"  executed notebook: {sj.notebook_url}\n  results: {open_store(sj.store).url('results')}/\n"
-                  f"  follow: nlpmt jobs logs {sj.job_name} --follow")
+    backend = backend_class(args.backend).from_args(args, config)
+    detach = getattr(args, "detach", False)
+    if detach and not backend.can_detach:
+        raise ParameterError("--detach is for the local backend (SageMaker jobs run on their own unless --wait is given)")
+    if detach and len(specs) > 1:
+        raise ParameterError(f"--detach starts one job; --models gave {len(specs)}: start one detached job per model")
+    for s in specs: backend.check(s)
+    if detach or not (backend.waits or args.wait):
+        for s in specs: print(backend.started_message(backend.submit(s)), flush=True)
         return 0
-    results = run_sagemaker_many(specs, config, poll=args.poll, logs=args.logs, **_sagemaker_kw(args))
+    try: results = backend.run_many(specs)
+    except JobInterrupted as e: print_summary(e.results, specs[0].store); return 128 + e.signum
     print_summary(results, specs[0].store)
-    return 0 if all(r.status == "Completed" for r in results) else 1
+    return _exit_code(results)
 
+# %% ../nbs/06_jobs.ipynb #3b5fe4b6
 def cmd_pipeline(args) -> int:
     "Run the whole pipeline, each stage as a job, and print the results."
     from nlpmt.cli import config_from_args
     config = config_from_args(args)
     if args.nproc: args.param.append(["nproc", str(args.nproc)])
-    kw = {} if args.backend == "local" else {**_sagemaker_kw(args), "poll": args.poll, "logs": args.logs}
-    if args.backend == "container":
-        from nlpmt.container import container_kw
-        kw = {**_sagemaker_kw(args), **container_kw(args)}
+    backend = backend_class(args.backend).from_args(args, config)
     try:
-        results = run_pipeline(args.store, args.backend, config, dict(args.param), args.models, args.run_id,
-                               args.overrides, args.config_dir, force=getattr(args, "force", None) or (), **kw)
+        results = run_pipeline(args.store, backend, config, dict(args.param), args.models, args.run_id,
+                               args.overrides, args.config_dir, force=getattr(args, "force", None) or ())
     except JobInterrupted as e:
         print_summary(e.results, resolve_store_uri(args.store, config)); return 128 + e.signum
     print_summary(results, resolve_store_uri(args.store, config))
-    return 0 if results and all(r.status == "Completed" for r in results) else 1
+    return _exit_code(results)
 
+# %% ../nbs/06_jobs.ipynb #17397be1
 def _client(args):
     "A SageMaker client in the configured region."
     from nlpmt.cli import config_from_args
@@ -977,7 +174,7 @@ def cmd_jobs_status(args) -> int:
              + (f" / {st.secondary_status}" if st.secondary_status else "")]
     if st.failure_reason: lines.append(f"failure reason:   {st.failure_reason}")
     lines += [f"instance:         {st.instance_count} x {st.instance_type}{' (spot)' if st.spot else ''}",
-              f"run time:         {_hms(st.run_seconds)}", *format_cost_lines(job_cost_info(st))]
+              f"run time:         {format_duration(st.run_seconds)}", *format_cost_lines(job_cost_info(st))]
     run_id = st.tags.get("nlpmt:run-id") or st.environment.get("NLPMT_RUN_ID")
     if run_id: lines.append(f"run id:           {run_id} (notebooks in results/notebooks/{run_id}/)")
     print("\n".join(lines))
@@ -1006,6 +203,7 @@ def cmd_jobs_stop(args) -> int:
           " (SIGTERM sent; the stage has 120 s to save a checkpoint)"))
     return 0
 
+# %% ../nbs/06_jobs.ipynb #27d7a3ae
 def register_cli(subparsers) -> None:
     "Add `run`, `pipeline` and `jobs` to the `nlpmt` command (skipping any the CLI has already placed)."
     from nlpmt.cli import add_config_options

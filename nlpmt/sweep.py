@@ -8,7 +8,7 @@ Docs: https://nlpmt.github.io/nlpmt/sweep.html.md"""
 
 # %% ../nbs/10_sweep.ipynb #s004
 from __future__ import annotations
-import argparse, dataclasses, importlib, itertools, json, math, random, re, sys
+import argparse, dataclasses, itertools, json, math, random, re, sys
 from dataclasses import dataclass, asdict
 from typing import Any, Callable, Optional
 from .core import load_config, utc_now, provenance
@@ -229,7 +229,7 @@ def list_sweeps(store: Store) -> list[dict]:
 def trial_spec(stage: str, params: dict, base_params: dict, store: str, config, run_id: str, sweep_id: str,
                trial: str, overrides=(), config_dir: Optional[str] = None, models=None):
     "The job of one trial: notebook parameters and config overrides split, checked, with the trial's environment."
-    from nlpmt.jobs import plan_jobs
+    from nlpmt.job_plan import plan_jobs
     nb_params = {**base_params, **{k: v for k, v in params.items() if "." not in k}}
     ovr = list(overrides) + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in params.items() if "." in k]
     specs = plan_jobs(stage, nb_params, store, None if ovr != list(overrides) else config, models=models,
@@ -238,19 +238,12 @@ def trial_spec(stage: str, params: dict, base_params: dict, store: str, config, 
            "NLPMT_MODELS_PREFIX": f"models/sweeps/{sweep_id}/{trial}"}
     return [dataclasses.replace(s, env={**s.env, **env}) for s in specs]
 
+# %% ../nbs/10_sweep.ipynb #b4126efe
 def backend_runner(backend: str, config=None) -> Callable:
-    "The run-many function of a backend (`local`, or `nlpmt.<backend>.run_<backend>_many`), as `fn(specs, out=...)`."
-    import functools, inspect
-    if backend == "local":
-        from nlpmt.jobs import run_local_many
-        return run_local_many
-    try: mod = importlib.import_module(f"nlpmt.{backend}")
-    except ModuleNotFoundError: raise ParameterError(f"unknown backend {backend!r}") from None
-    fn = getattr(mod, f"run_{backend}_many", None) or getattr(mod, "run_many", None)
-    if fn is None: raise ParameterError(f"backend {backend!r} has no run_{backend}_many(specs, out=...) function")
-    if "config" in inspect.signature(fn).parameters:   # e.g. run_container_many(specs, config, out=...)
-        fn = functools.partial(fn, config=config)
-    return fn
+    "The `run_many` of a registered backend (`nlpmt.backends.BACKENDS`), as `fn(specs, out=...)`."
+    from nlpmt.backends import backend_class
+    cls = backend_class(backend)
+    return lambda specs, out=None: cls(config, out).run_many(specs)
 
 # %% ../nbs/10_sweep.ipynb #s025
 @dataclass
@@ -284,7 +277,9 @@ def run_sweep(stage: str, space: list[SweepParam], strategy: str = "grid", trial
               grid_points: int = 3, seed: int = 0, config=None, overrides=(), config_dir: Optional[str] = None,
               models=None, out=None, progress: bool = True, run_many: Optional[Callable] = None) -> SweepResult:
     "Run a sweep locally (or on any backend with the local interface); returns its manifest."
-    from nlpmt.jobs import resolve_store_uri, visible_gpus, JobInterrupted
+    from nlpmt.job_plan import resolve_store_uri
+    from nlpmt.local_jobs import visible_gpus
+    from nlpmt.backends import JobInterrupted
     from tqdm.auto import tqdm
     out = out or sys.stdout
     if strategy not in ("grid", "random", "bayes"): raise ParameterError(f"strategy {strategy!r}: grid, random or bayes")
@@ -372,7 +367,7 @@ def run_sweep(stage: str, space: list[SweepParam], strategy: str = "grid", trial
 # %% ../nbs/10_sweep.ipynb #s026
 def format_sweep(manifest: dict) -> str:
     "The trials table of a sweep, the chosen trial marked with `*`."
-    from nlpmt.jobs import format_table
+    from nlpmt.job_tables import format_table
     chosen = (manifest.get("chosen") or {}).get("trial")
     names = [s["name"] for s in manifest["space"]]
     show = lambda v: f"{v:g}" if isinstance(v, float) else v
@@ -388,7 +383,7 @@ def format_sweep(manifest: dict) -> str:
 def cmd_sweep(args) -> int:
     "Run a sweep of one stage and print its trials table."
     from nlpmt.cli import config_from_args
-    from nlpmt.jobs import _sagemaker_kw
+    from nlpmt.sagemaker_jobs import submit_options
     import signal, threading
     if threading.current_thread() is threading.main_thread():   # Ctrl-C stops the sweep even if started with SIGINT ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -407,7 +402,7 @@ def cmd_sweep(args) -> int:
     if args.backend == "sagemaker":
         from nlpmt.sweep_sagemaker import run_sweep_sagemaker
         res = run_sweep_sagemaker(args.stage, space, poll=args.poll, wait=args.strategy != "bayes",
-                                  **{k: v for k, v in _sagemaker_kw(args).items()}, **kw)
+                                  **submit_options(args), **kw)
     else:
         res = run_sweep(args.stage, space, backend=args.backend, **kw)
     if res.interrupted: return 130
@@ -433,7 +428,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--sweep-id", default=None, help="resume this sweep (default: a new id)")
     p.add_argument("--seed", type=int, default=0, help="seed of random/bayes proposals")
     p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
-    p.add_argument("--backend", default="local", help="local (default), sagemaker, or another backend with the local interface")
+    p.add_argument("--backend", default="local", help="local (default), sagemaker, container, or a backend registered in nlpmt.backends.BACKENDS")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="transformer: one job per model in each trial")
     p.add_argument("--instance-type", default=None, help="SageMaker instance type")
     p.add_argument("--spot", dest="spot", action="store_true", default=None, help="managed spot training (SageMaker)")

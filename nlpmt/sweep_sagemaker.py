@@ -49,9 +49,10 @@ def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, tri
                       sweep_id: str, instance_type=None, spot=None, role=None, boto_session=None) -> str:
     "Create the SageMaker tuning job of a bayes sweep; returns its name."
     import tempfile
-    from nlpmt.jobs import (check_cloud_job, sagemaker_session, make_bundle, bundle_stage_arg, image_uri, job_tags,
-                            job_environment, checkpoint_prefix, _cloud_params, _role, _training_channels, _QuietSDK,
-                            as_string, JOB_OUTPUT_PREFIX)
+    from nlpmt.job_plan import checkpoint_prefix, as_string
+    from nlpmt.code_bundle import make_bundle, bundle_stage_arg
+    from nlpmt.sagemaker_jobs import (check_cloud_job, sagemaker_session, image_uri, job_tags, job_environment, cloud_params,
+                                      execution_role, training_channels, QuietSDK, JOB_OUTPUT_PREFIX)
     from sagemaker.train import ModelTrainer
     from sagemaker.train.tuner import HyperparameterTuner
     from sagemaker.core.training.configs import SourceCode, Compute, OutputDataConfig, CheckpointConfig
@@ -59,14 +60,14 @@ def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, tri
     from nlpmt.runner import METRIC_DEFINITIONS
     check_cloud_job(spec, config)
     store, p = open_store(spec.store), config.project
-    role, itype = _role(config, role), instance_type or p.training_instance_type
+    role, itype = execution_role(config, role), instance_type or p.training_instance_type
     spot = p.use_spot if spot is None else spot
     if spot and p.max_wait_seconds < p.max_run_seconds:
         raise ConfigError("project.max_wait_seconds must be >= project.max_run_seconds for spot training")
     session = sagemaker_session(store, config, boto_session)
     env = {k: v for k, v in job_environment(spec).items() if k not in ("NLPMT_RUN_ID", "NLPMT_RESULTS_PREFIX", "NLPMT_MODELS_PREFIX", "NLPMT_TRIAL")}
-    static = {k: as_string(v) for k, v in _cloud_params(spec).items() if k not in {q.name for q in space}}
-    with _QuietSDK(), tempfile.TemporaryDirectory(prefix="nlpmt-bundle-") as tmp:
+    static = {k: as_string(v) for k, v in cloud_params(spec).items() if k not in {q.name for q in space}}
+    with QuietSDK(), tempfile.TemporaryDirectory(prefix="nlpmt-bundle-") as tmp:
         bundle = make_bundle(spec, config, tmp)
         (bundle/"nlpmt_tune.sh").write_text(TUNE_SCRIPT.format(stage=bundle_stage_arg(spec), store=spec.store, name=spec.name))
         trainer = ModelTrainer(
@@ -77,7 +78,7 @@ def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, tri
                                                  **({"max_wait_time_in_seconds": p.max_wait_seconds} if spot else {})),
             output_data_config=OutputDataConfig(s3_output_path=store.url(JOB_OUTPUT_PREFIX)),
             checkpoint_config=CheckpointConfig(s3_uri=store.url(checkpoint_prefix(spec)), local_path="/opt/ml/checkpoints"),
-            hyperparameters=static, environment=env, input_data_config=_training_channels(store))
+            hyperparameters=static, environment=env, input_data_config=training_channels(store))
         tuner = HyperparameterTuner(
             model_trainer=trainer, objective_metric_name=objective, hyperparameter_ranges=tuner_ranges(space),
             metric_definitions=METRIC_DEFINITIONS, strategy="Bayesian",
@@ -86,7 +87,7 @@ def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, tri
             tags=job_tags(spec, config) + [{"Key": "nlpmt:sweep-id", "Value": sweep_id}],
             base_tuning_job_name=f"nlpmt-{sweep_id[-11:]}".replace("_", "-")[:20])
         name = f"nlpmt-{sweep_id[-11:]}".replace("_", "-").replace(".", "-")[:32]
-        tuner.tune(inputs=_training_channels(store), job_name=name, wait=False)
+        tuner.tune(inputs=training_channels(store), job_name=name, wait=False)
     return name
 
 # %% ../nbs/10a_sweep_sagemaker.ipynb #g006
@@ -125,7 +126,9 @@ def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "gr
                         out=None, poll: float = 30.0, wait: bool = True, boto_session=None, client=None,
                         **submit_kw) -> SweepResult:
     "Run a sweep as SageMaker Training jobs (grid/random), or as one SageMaker tuning job (bayes)."
-    from nlpmt.jobs import resolve_store_uri, submit_sagemaker, describe_job, sagemaker_client, TERMINAL, check_cloud_job
+    from nlpmt.job_plan import resolve_store_uri
+    from nlpmt.backends import TERMINAL
+    from nlpmt.sagemaker_jobs import SageMakerBackend, sagemaker_client
     out = out or sys.stdout
     direction = check_objective(objective)
     config = config or load_config(config_dir, list(overrides))
@@ -133,6 +136,7 @@ def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "gr
     target = open_store(store_uri)
     sweep_id = sweep_id or new_sweep_id(stage)
     client = client or sagemaker_client(boto_session, config.project.region)
+    backend = SageMakerBackend(config, out, boto_session=boto_session, client=client, **submit_kw)
     manifest = read_manifest(target, sweep_id) or _new_manifest(
         sweep_id, stage, space, strategy, objective, direction, trials, "sagemaker", store_uri, dict(base_params or {}),
         overrides, seed, config)
@@ -155,7 +159,7 @@ def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "gr
     done = {t["trial"] for t in manifest["trials"] if t["status"] == "Completed"}
     manifest["trials"] = [t for t in manifest["trials"] if t["trial"] in done]
     queue = [i for i in range(len(planned)) if f"t{i:03d}" not in done]
-    running: dict[str, dict] = {}
+    running: dict[str, tuple] = {}                              # job name -> (its handle, its manifest row)
     print(f"nlpmt: sweep {sweep_id}: {len(planned)} SageMaker trials ({strategy}), {max(1, max_parallel)} at a time",
           file=out, flush=True)
     try:
@@ -164,16 +168,16 @@ def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "gr
                 i = queue.pop(0); trial = f"t{i:03d}"
                 spec = trial_spec(stage, planned[i], dict(base_params or {}), store_uri, config, f"{sweep_id}-{trial}",
                                   sweep_id, trial, overrides, config_dir, models)[0]
-                check_cloud_job(spec, config)
-                sj = submit_sagemaker(spec, config, boto_session=boto_session, **submit_kw)
+                backend.check(spec)
+                sj = backend.submit(spec)
                 row = {"trial": trial, "run_id": spec.run_id, "params": planned[i], "status": "Running", "objective": None,
                        "names": [spec.name], "job_names": [sj.job_name], "notebooks": [sj.notebook_url], "started": utc_now()}
-                manifest["trials"].append(row); running[sj.job_name] = row
+                manifest["trials"].append(row); running[sj.job_name] = (sj, row)
                 print(f"nlpmt: {trial} {json.dumps(planned[i])}: training job {sj.job_name}", file=out, flush=True)
             write_manifest(target, manifest)
             if not wait: break
-            for job, row in list(running.items()):
-                st = describe_job(job, client)
+            for job, (sj, row) in list(running.items()):
+                st = backend.describe(sj)
                 if st.status not in TERMINAL: continue
                 row["status"], row["failure"], row["ended"] = st.status, st.failure_reason, utc_now()
                 row["seconds"] = st.run_seconds
@@ -185,10 +189,9 @@ def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "gr
             write_manifest(target, manifest)
             if running: time.sleep(poll)
     except KeyboardInterrupt:
-        from nlpmt.jobs import stop_job
         print(f"\nnlpmt: stopping {len(running)} SageMaker trial(s) (they get SIGTERM to checkpoint)", file=out, flush=True)
-        for job, row in running.items():
-            try: stop_job(job, client); row["status"] = "Stopped"
+        for job, (sj, row) in running.items():
+            try: backend.stop(sj); row["status"] = "Stopped"
             except Exception as e: print(f"nlpmt: could not stop {job}: {e}", file=out)
         write_manifest(target, manifest)
         print(format_sweep(manifest), file=out)

@@ -31,9 +31,9 @@ def test_every_stage_is_a_papermill_notebook_with_a_known_config_section(name):
 
 
 def test_modules_read_the_stage_registry():
-    from nlpmt import runner, jobs, metrics, predict, fingerprint
+    from nlpmt import runner, jobs, job_plan, metrics, predict, fingerprint
     assert runner.STAGES == jobs.PIPELINE == stage_names()
-    assert jobs.TRAINING_STAGES == training_stages() == ("transformer",)
+    assert job_plan.TRAINING_STAGES == training_stages() == ("transformer",)
     assert metrics.STAGES == metric_stages()
     assert predict.LOADERS == model_loaders()
     assert fingerprint.UPSTREAM == {"report": ("baseline", "transformer")}

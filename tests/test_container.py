@@ -6,10 +6,10 @@ from pathlib import Path
 import boto3
 import pytest
 from nlpmt.cli import main
-from nlpmt.container import (ContainerJob, Interruption, host_path, isolation_mode, run_container, run_container_job,
-                             download_s3)
+from nlpmt.container import Interruption, isolation_mode, run_container, run_container_job
+from nlpmt.container_job import ContainerJob, host_path, download_s3
 from nlpmt.core import load_config
-from nlpmt.jobs import plan_jobs
+from nlpmt.job_plan import plan_jobs
 from nlpmt.metrics import metrics_key
 from nlpmt.storage import LocalStore, S3Store
 from nlpmt.transformer import make_tiny_bert, separable_texts, train_params, train_transformer

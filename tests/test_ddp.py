@@ -75,7 +75,8 @@ def store_uri(s3_bucket):
 @pytest.mark.aws
 def test_training_on_two_instances_is_one_torchrun_job(store_uri, aws_env):
     import boto3
-    from nlpmt.jobs import plan_jobs, submit_sagemaker
+    from nlpmt.job_plan import plan_jobs
+    from nlpmt.sagemaker_jobs import submit_sagemaker
     from nlpmt.storage import S3Store
     session = boto3.session.Session(region_name="us-east-1")
     requests = []
@@ -101,7 +102,7 @@ def test_training_on_two_instances_is_one_torchrun_job(store_uri, aws_env):
 
 def test_several_instances_for_a_stage_that_does_not_train_is_refused_at_planning(tmp_path):
     from nlpmt.core import ConfigError
-    from nlpmt.jobs import plan_jobs
+    from nlpmt.job_plan import plan_jobs
     config = load_config(ROOT/"configs", overrides=["project.instance_count=2"])
     with pytest.raises(ConfigError, match=r"instance_count is 2, but stage 'baseline' does not train"):
         plan_jobs("baseline", {}, store=str(tmp_path), config=config)
@@ -110,7 +111,7 @@ def test_several_instances_for_a_stage_that_does_not_train_is_refused_at_plannin
 
 def test_nproc_reaches_the_transformer_notebook_and_no_other(tmp_path, capsys):
     from nlpmt.cli import main
-    from nlpmt.jobs import plan_jobs
+    from nlpmt.job_plan import plan_jobs
     rc = main(["run", "baseline", "--nproc", "2", "--store", str(tmp_path), "--config-dir", str(ROOT/"configs")])
     assert rc != 0 and "unknown parameter 'nproc'" in capsys.readouterr().err
     spec, = plan_jobs("transformer", {"nproc": "2"}, store=str(tmp_path), config=load_config(ROOT/"configs"))

@@ -14,7 +14,8 @@ from botocore.exceptions import ClientError
 from nlpmt import aws
 from nlpmt.cli import main
 from nlpmt.core import load_config
-from nlpmt.jobs import plan_jobs, run_local
+from nlpmt.job_plan import plan_jobs
+from nlpmt.local_jobs import run_local
 from nlpmt.storage import S3Store, LocalStore
 from conftest import free_port, _wait_http
 from test_transformer import seed_store

@@ -65,7 +65,7 @@ def test_pipeline_skips_up_to_date_stages_and_reruns_what_a_change_affects(tmp_p
 
 def test_new_raw_data_changes_every_fingerprint(tmp_path, fixture_stages):
     from nlpmt.core import load_config
-    from nlpmt.jobs import plan_jobs
+    from nlpmt.job_plan import plan_jobs
     from nlpmt.fingerprint import stage_components, fingerprint
     from nlpmt.storage import LocalStore
     raw = tmp_path/"raw.csv"

@@ -5,8 +5,10 @@ import pytest
 from nlpmt.cli import main
 from nlpmt.core import load_config
 from nlpmt.storage import LocalStore, open_store
-from nlpmt.jobs import (job_name, job_base_name, plan_jobs, run_local, run_local_many, run_pipeline, results_table,
-                        format_table, JobSpec)
+from nlpmt.job_plan import job_name, job_base_name, plan_jobs, JobSpec
+from nlpmt.local_jobs import run_local, run_local_many
+from nlpmt.jobs import run_pipeline
+from nlpmt.job_tables import results_table, format_table
 from nlpmt.runner import (ParameterError, METRIC_DEFINITIONS, log_metrics, notebook_parameters, stage_notebook,
                           check_parameters, JobFolders)
 
@@ -205,7 +207,7 @@ def test_results_table_reads_metrics_files(tmp_path):
 
 def test_job_bundle_runs_on_its_own(tmp_path, config):
     "The code bundle a SageMaker job receives: its own nlpmt package, notebooks and configs, run from its folder."
-    from nlpmt.jobs import make_bundle, bundle_stage_arg
+    from nlpmt.code_bundle import make_bundle, bundle_stage_arg
     spec = plan_jobs(OK, {"n_rows": "2"}, store=str(tmp_path/"store"), config=config)[0]
     bundle = make_bundle(spec, config, tmp_path/"code")
     script = (bundle/"nlpmt_job.sh").read_text()

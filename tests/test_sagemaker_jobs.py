@@ -10,8 +10,11 @@ from nlpmt import aws
 from nlpmt.cli import main
 from nlpmt.core import load_config, sha256_bytes
 from nlpmt.storage import S3Store
-from nlpmt.jobs import (plan_jobs, submit_sagemaker, describe_job, job_cost_info, format_cost_lines, run_local, JobStatus,
-                        checkpoint_prefix, LOG_GROUPS)
+from nlpmt.job_plan import plan_jobs, checkpoint_prefix
+from nlpmt.backends import JobStatus
+from nlpmt.local_jobs import run_local
+from nlpmt.sagemaker_jobs import submit_sagemaker, describe_job, LOG_GROUPS
+from nlpmt.job_tables import job_cost_info, format_cost_lines
 from nlpmt.runner import METRIC_DEFINITIONS, log_metrics
 from conftest import free_port, _wait_http
 
@@ -158,7 +161,7 @@ def launcher_needs(op: str, req: dict) -> list[tuple]:
 
 def test_job_requests_stay_inside_the_generated_role_policies(store_uri, captured):
     """Every S3 location, log group and image a Training or Processing job is given, and every object the SDK uploads
-    for it, is allowed by the policies `nlpmt aws policy` generates for the store: if nlpmt.jobs starts writing
+    for it, is allowed by the policies `nlpmt aws policy` generates for the store: if nlpmt.sagemaker_jobs starts writing
     elsewhere (another bucket, a prefix outside the store, a new log group), this fails."""
     session, requests = captured
     uploads = []
