@@ -32,6 +32,7 @@ def _sibling(path: str, name: str) -> str:
     "A file next to `path` (same folder, prefix or S3 'folder')."
     return path.rsplit("/", 1)[0] + "/" + name if "/" in path else name
 
+# %% ../nbs/02c_ag_news.ipynb #hr07
 def _exists(path: str, store: Optional[Store]) -> bool:
     "Whether a local path, store key or s3:// URI exists (False when it cannot be checked)."
     try:
@@ -41,6 +42,7 @@ def _exists(path: str, store: Optional[Store]) -> bool:
         return Path(path).is_file()
     except Exception: return False
 
+# %% ../nbs/02c_ag_news.ipynb #hr09
 def ag_news_layout(cfg: DataConfig, classes_path: str) -> DataConfig:
     "`cfg` with the AG News CSV layout (keeps text fields that are AG News columns and explicit label names)."
     fields = [f for f in (cfg.text_fields or []) if f in AG_NEWS_LAYOUT["columns"][1:]] or ["title", "description"]
@@ -80,6 +82,7 @@ def download_ag_news(store: Store, splits=("train", "test"), base_url: Optional[
     store.write_bytes(keys["classes"], classes)
     return keys
 
+# %% ../nbs/02c_ag_news.ipynb #hr13
 def ag_news_local_dir() -> Optional[Path]:
     "The local AG News folder: `NLPMT_AG_NEWS_DIR`, else `../shared/data/ag_news` beside the project (or None)."
     if os.environ.get("NLPMT_AG_NEWS_DIR"): return Path(os.environ["NLPMT_AG_NEWS_DIR"])

@@ -22,7 +22,7 @@ from .formats import DataError, FORMATS, RawInput, clip, detect_format, parse_re
 __all__ = ['DATASET_FIELDS', 'DEFAULT_DATASET', 'LABEL_NAME_TIERS', 'TEXT_NAMES', 'GUESS_BYTES', 'INSPECT_ROWS', 'STATS_ROWS',
            'LENGTH_ROWS', 'IMBALANCE_FLAG', 'profiles_dir', 'available_profiles', 'profile_file', 'load_profile',
            'apply_profile', 'field_stats', 'describe_fields', 'guess_fields', 'resolve_layout', 'imbalance',
-           'percentiles', 'token_lengths', 'inspect_data', 'path_from_root', 'prepare_command', 'profile_of',
+           'percentiles', 'token_lengths', 'path_from_root', 'prepare_command', 'profile_of', 'inspect_data',
            'format_inspection', 'write_profile', 'cmd_data_inspect', 'register_cli', 'dataset_override',
            'dataset_paths']
 
@@ -36,6 +36,7 @@ def _is_set(cfg: DataConfig, name: str) -> bool:
     value = getattr(cfg, name)
     return value is not None and not (name == "raw_format" and value == "auto")
 
+# %% ../nbs/02b_datasets.ipynb #dr30
 def profiles_dir(config_dir) -> Path:
     "The folder of dataset profiles: `<config_dir>/datasets`."
     return Path(config_dir)/"datasets"
@@ -59,6 +60,7 @@ def profile_file(dataset: str, config_dir, base: Optional[Path] = None) -> Path:
                           "(or pass a profile file; `nlpmt data inspect FILE --write-profile NAME` writes one)")
     return p
 
+# %% ../nbs/02b_datasets.ipynb #dr34
 def load_profile(dataset: str, config_dir, base: Optional[Path] = None) -> tuple[dict, Path]:
     "The dataset fields set by profile `dataset` (validated), and its file."
     path = profile_file(dataset, config_dir, base)
@@ -90,6 +92,7 @@ TEXT_NAMES = ("text", "sentence", "content", "body", "document", "review", "ques
 
 def _norm_name(name: str) -> str: return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
 
+# %% ../nbs/02b_datasets.ipynb #dr38
 def field_stats(records: pd.DataFrame, fields: list[str]) -> list[dict]:
     "Per field: fill rate, distinct values, mean length in characters and three example values."
     good = records[records.problem.isna()] if "problem" in records else records
@@ -114,6 +117,7 @@ def _label_guess(stats: list[dict], n: int) -> tuple[Optional[str], list[str]]:
              and s["mean_chars"] <= 40]
     return (shape[0] if len(shape) == 1 else None), shape
 
+# %% ../nbs/02b_datasets.ipynb #dr41
 def _text_guess(stats: list[dict], label: Optional[str], n: int) -> tuple[Optional[list[str]], list[str]]:
     "The guessed text field(s) (or None) and the candidates considered."
     rest = [s for s in stats if s["field"] != label and s["fill"] > 0]
@@ -128,6 +132,7 @@ def describe_fields(stats: list[dict]) -> str:
     return "\n".join(f"  {s['field']}: {s['fill']:.0%} filled, {s['distinct']:,} distinct, mean {s['mean_chars']:.0f} chars, "
                      f"e.g. {', '.join(clip(e, 40) for e in s['examples'])}" for s in stats)
 
+# %% ../nbs/02b_datasets.ipynb #dr44
 def guess_fields(records: pd.DataFrame, source: str, text_fields: Optional[list[str]] = None,
                  label_field: Optional[str] = None, stats: Optional[list[dict]] = None) -> dict:
     "The text and label fields of parsed `records` (given ones kept); a DataError listing the fields when ambiguous."
@@ -155,6 +160,7 @@ def _head(raw: RawInput, fmt: str) -> RawInput:
     cut = raw.data.rfind(b"\n", 0, GUESS_BYTES)
     return dataclasses.replace(raw, data=raw.data[: cut + 1 if cut > 0 else GUESS_BYTES])
 
+# %% ../nbs/02b_datasets.ipynb #dr47
 def resolve_layout(raw: RawInput, cfg: DataConfig) -> tuple[DataConfig, str, dict]:
     "The format of `raw` and `cfg` with the header flag, text and label fields filled in (guessed when unset)."
     fmt = detect_format(raw, cfg.raw_format)
@@ -181,6 +187,7 @@ def _sample_lines(raw: RawInput, rows: int, seed: int) -> tuple[RawInput, int]:
     keep = np.sort(np.random.default_rng(seed).choice(len(lines), rows, replace=False))
     return dataclasses.replace(raw, data=b"\n".join(lines[i] for i in keep) + b"\n"), len(lines)
 
+# %% ../nbs/02b_datasets.ipynb #dr49
 def imbalance(counts: dict) -> dict:
     "Largest/smallest class ratio of label counts, which classes those are, and whether it is flagged."
     counts = {k: v for k, v in counts.items() if v > 0}
@@ -196,6 +203,7 @@ def percentiles(values, qs=(50, 90, 95, 99)) -> dict:
     if not len(v): return {}
     return {**{f"p{q}": int(np.ceil(np.percentile(v, q))) for q in qs}, "max": int(v.max())}
 
+# %% ../nbs/02b_datasets.ipynb #dr52
 def token_lengths(texts: list[str], model_name: str) -> tuple[Optional[list[int]], Optional[str]]:
     "Token counts of `texts` with `model_name`'s tokenizer (offline); (None, why) when it cannot be loaded."
     try:
@@ -204,6 +212,36 @@ def token_lengths(texts: list[str], model_name: str) -> tuple[Optional[list[int]
         tok = AutoTokenizer.from_pretrained(resolve_model_path(model_name))
     except Exception as e: return None, f"tokenizer of {model_name!r} not available offline ({type(e).__name__})"
     return [len(ids) for ids in tok(texts, add_special_tokens=True, truncation=False)["input_ids"]], None
+
+# %% ../nbs/02b_datasets.ipynb #d022
+def _q(value: str) -> str:
+    "Shell-quote a value only when it needs it."
+    import shlex
+    return shlex.quote(str(value))
+
+def path_from_root(path: str, root: Optional[Path] = None) -> str:
+    "A local path as the data stage reads it: relative to the project root when inside it, else absolute."
+    if "://" in path or path.startswith("data/raw/") or os.path.isabs(path): return path
+    p = Path(path).resolve()
+    try: root = Path(root or project_root()).resolve()
+    except FileNotFoundError: return str(p)
+    return os.path.relpath(p, root) if p.is_relative_to(root) else str(p)
+
+# %% ../nbs/02b_datasets.ipynb #dr56
+def prepare_command(info: dict) -> str:
+    "The `nlpmt run data` command that prepares an inspected file (fields named only when they were not guessed)."
+    cmd = f"nlpmt run data -p raw_path {_q(path_from_root(info['path']))}"
+    if "text_fields" not in info["guessed"]: cmd += f" -p text_fields {_q(','.join(info['text_fields']))}"
+    if "label_field" not in info["guessed"]: cmd += f" -p label_field {_q(info['label_field'])}"
+    return cmd
+
+def profile_of(info: dict, root: Optional[Path] = None) -> dict:
+    "A dataset profile (dict) with everything `inspect_data` found, the raw path relative to the project `root` when inside it."
+    path = path_from_root(info["path"], root)
+    prof = {"description": f"written by nlpmt data inspect ({info['rows']:,} rows, {info['n_labels']} labels)",
+            "raw_path": path, "raw_format": info["format"], "text_fields": info["text_fields"], "label_field": info["label_field"]}
+    if info["format"] in ("csv", "tsv"): prof["csv_header"] = bool(info["csv_header"])
+    return prof
 
 # %% ../nbs/02b_datasets.ipynb #d021
 def inspect_data(path: str, config: Optional[Config] = None, store=None, text_fields: Optional[list[str]] = None,
@@ -246,35 +284,6 @@ def inspect_data(path: str, config: Optional[Config] = None, store=None, text_fi
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
-# %% ../nbs/02b_datasets.ipynb #d022
-def _q(value: str) -> str:
-    "Shell-quote a value only when it needs it."
-    import shlex
-    return shlex.quote(str(value))
-
-def path_from_root(path: str, root: Optional[Path] = None) -> str:
-    "A local path as the data stage reads it: relative to the project root when inside it, else absolute."
-    if "://" in path or path.startswith("data/raw/") or os.path.isabs(path): return path
-    p = Path(path).resolve()
-    try: root = Path(root or project_root()).resolve()
-    except FileNotFoundError: return str(p)
-    return os.path.relpath(p, root) if p.is_relative_to(root) else str(p)
-
-def prepare_command(info: dict) -> str:
-    "The `nlpmt run data` command that prepares an inspected file (fields named only when they were not guessed)."
-    cmd = f"nlpmt run data -p raw_path {_q(path_from_root(info['path']))}"
-    if "text_fields" not in info["guessed"]: cmd += f" -p text_fields {_q(','.join(info['text_fields']))}"
-    if "label_field" not in info["guessed"]: cmd += f" -p label_field {_q(info['label_field'])}"
-    return cmd
-
-def profile_of(info: dict, root: Optional[Path] = None) -> dict:
-    "A dataset profile (dict) with everything `inspect_data` found, the raw path relative to the project `root` when inside it."
-    path = path_from_root(info["path"], root)
-    prof = {"description": f"written by nlpmt data inspect ({info['rows']:,} rows, {info['n_labels']} labels)",
-            "raw_path": path, "raw_format": info["format"], "text_fields": info["text_fields"], "label_field": info["label_field"]}
-    if info["format"] in ("csv", "tsv"): prof["csv_header"] = bool(info["csv_header"])
-    return prof
-
 # %% ../nbs/02b_datasets.ipynb #d023
 def format_inspection(info: dict) -> str:
     "The human-readable report of `inspect_data`."
@@ -314,6 +323,7 @@ def write_profile(profile: dict, name: str, config_dir, force: bool = False) -> 
     os.replace(tmp, path)
     return path
 
+# %% ../nbs/02b_datasets.ipynb #dr61
 def cmd_data_inspect(args) -> int:
     "Inspect a raw data file or folder and print what it holds and how to prepare it."
     from nlpmt.cli import config_from_args
@@ -349,6 +359,7 @@ def register_cli(subparsers) -> None:
     q.add_argument("--json", action="store_true", help="print the inspection as JSON")
     add_config_options(q); q.set_defaults(func=cmd_data_inspect)
 
+# %% ../nbs/02b_datasets.ipynb #dr63
 def dataset_override(value: str) -> str:
     "`--dataset NAME|FILE` as the config override `data.dataset=...` (a file path made absolute)."
     p = Path(value).expanduser()

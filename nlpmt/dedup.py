@@ -32,6 +32,7 @@ def _utf8_buffers(texts) -> tuple:
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     return arr, offsets - offsets[0], data[offsets[0]: offsets[-1]]
 
+# %% ../nbs/02d_dedup.ipynb #gr07
 def _prefix_sums_at(mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
     "`mask[:p].sum()` for each of the ascending `positions`: binary search in the sparser side's positions."
     if 2 * np.count_nonzero(mask) > len(mask):  # dense: count the False bytes instead
@@ -43,6 +44,7 @@ def _segment_sums(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     prefix = _prefix_sums_at(mask, offsets)
     return prefix[1:] - prefix[:-1]
 
+# %% ../nbs/02d_dedup.ipynb #gr09
 def normalise_texts(texts) -> pd.Series:
     "Comparison keys: NFKC, lower-cased, with all whitespace and ASCII punctuation removed."
     import pyarrow as pa, pyarrow.compute as pc, unicodedata
@@ -60,6 +62,7 @@ def normalise_texts(texts) -> pd.Series:
     if isinstance(texts, pd.Series): out.index = texts.index
     return out
 
+# %% ../nbs/02d_dedup.ipynb #gr11
 def word_counts(texts) -> np.ndarray:
     "Number of whitespace-separated words in each text (vectorised on the UTF-8 bytes)."
     _, offsets, data = _utf8_buffers(texts)
@@ -76,12 +79,14 @@ def string_codes(values) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray): arr = arr.combine_chunks() if arr.num_chunks else pa.array([], pa.large_string())
     return pc.dictionary_encode(arr).indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
+# %% ../nbs/02d_dedup.ipynb #gr15
 def _repeats(codes: np.ndarray, among: np.ndarray) -> np.ndarray:
     "True for rows in `among` whose code already occurred at an earlier row in `among`."
     out = np.zeros(len(codes), dtype=bool)
     out[among] = pd.Series(codes[among]).duplicated().to_numpy()
     return out
 
+# %% ../nbs/02d_dedup.ipynb #gr18
 def find_duplicates(text: pd.Series, label: pd.Series, key: pd.Series, key_codes: Optional[np.ndarray] = None) -> pd.Series:
     "Per row: 'conflicting_labels', 'duplicate_exact', 'duplicate_normalised' or None (keep)."
     t, l = string_codes(text), string_codes(label)

@@ -26,6 +26,7 @@ STAGE_SECTIONS = {n: s.section for n, s in STAGES.items() if s.section}   # all 
 UPSTREAM = {n: s.upstream for n, s in STAGES.items() if s.upstream}
 OUTPUT_PREFIXES = {n: s.outputs for n, s in STAGES.items()}
 
+# %% ../nbs/11_fingerprint.ipynb #fr16
 def notebook_hash(path: str | Path) -> str:
     "SHA-256 of a notebook's cell types and sources (outputs, ids and metadata ignored)."
     nb = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -33,6 +34,7 @@ def notebook_hash(path: str | Path) -> str:
              for c in nb.get("cells", [])]
     return sha256_bytes(json.dumps(cells).encode())
 
+# %% ../nbs/11_fingerprint.ipynb #fr18
 def canonical_hash(obj) -> str:
     "SHA-256 of a JSON-serialisable object with sorted keys."
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
@@ -45,6 +47,7 @@ def raw_input_hash(path: str, store: Optional[Store] = None) -> Optional[str]:
     if store is not None and path.startswith("data/") and store.exists(path): return sha256_bytes(store.read_bytes(path))
     return f"name:{path}"
 
+# %% ../nbs/11_fingerprint.ipynb #fr21
 def data_hash(stage: str, params: dict, config, store: Store) -> Optional[str]:
     "What a stage reads: the raw input's hash (data stage), else the processed splits' `data_hash` (None if absent)."
     if stage in STAGES and STAGES[stage].reads_raw:
@@ -68,6 +71,7 @@ def stage_components(stage: str, specs: list, config, store: Store, upstream: Op
             "notebook": notebook_hash(specs[0].notebook) if specs else None,
             "upstream": {u: (upstream or {}).get(u) for u in UPSTREAM.get(stage, ())}}
 
+# %% ../nbs/11_fingerprint.ipynb #fr24
 def fingerprint(components: dict) -> str:
     "The fingerprint of a stage's inputs."
     return canonical_hash(components)
@@ -78,6 +82,7 @@ def fingerprint_key(stage: str) -> str:
     if not re.fullmatch(r"[a-z0-9_-]+", stage): raise ValueError(f"bad stage name {stage!r}")
     return f"{FINGERPRINT_PREFIX}/{stage}.json"
 
+# %% ../nbs/11_fingerprint.ipynb #fr27
 def output_checksums(store: Store, stage: str) -> dict[str, str]:
     "Size and checksum of each output of a stage in the store."
     out = {}
@@ -87,6 +92,7 @@ def output_checksums(store: Store, stage: str) -> dict[str, str]:
                 out[key] = f"{info.size}:{info.etag}"
     return out
 
+# %% ../nbs/11_fingerprint.ipynb #fr29
 def write_fingerprint(store: Store, stage: str, components: dict, run_id: str, job_names: Iterable[str] = ()) -> dict:
     "Record that `stage` completed for these inputs in run `run_id`."
     rec = {"stage": stage, "fingerprint": fingerprint(components), "run_id": run_id, "jobs": list(job_names),
@@ -102,6 +108,7 @@ def up_to_date(store: Store, stage: str, components: dict) -> Optional[dict]:
     if rec.get("fingerprint") != fingerprint(components) or not rec.get("outputs"): return None
     return rec if output_checksums(store, stage) == rec["outputs"] else None
 
+# %% ../nbs/11_fingerprint.ipynb #fr31
 def changed_parts(store: Store, stage: str, components: dict) -> list[str]:
     "Which parts of the inputs differ from the recorded ones (for the message when a stage reruns)."
     try: old = store.read_json(fingerprint_key(stage)).get("components", {})

@@ -28,6 +28,7 @@ __all__ = ['MESSAGE_CHARS', 'BINARY_NUL_SHARE', 'FORMATS', 'FOLDER_FIELDS', 'Dat
 class DataError(ValueError):
     "Raw data that cannot be used: names the file, the line/row and the problem."
 
+# %% ../nbs/02a_formats.ipynb #fr27
 MESSAGE_CHARS = 60  # longest value quoted in an error message before it is cut
 
 def clip(value, limit: int = MESSAGE_CHARS) -> str:
@@ -53,6 +54,7 @@ def _unzip(data: bytes, path: str) -> tuple[bytes, str]:
                         "<label>/<file>.txt corpus")
     return zf.read(names[0]), names[0]
 
+# %% ../nbs/02a_formats.ipynb #fr44
 def decompress(data: bytes, path: str) -> tuple[bytes, str, Optional[str]]:
     "The bytes of `path` decompressed by their magic number: (bytes, name without the compression suffix, compression)."
     name = str(path).rstrip("/").rsplit("/", 1)[-1]
@@ -82,6 +84,7 @@ def _recode(data: bytes, encoding: str, path: str) -> bytes:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid {encoding.upper()} at byte {e.start:,} ({e.reason})") from None
 
+# %% ../nbs/02a_formats.ipynb #fr48
 def to_utf8(data: bytes, path: str) -> tuple[bytes, str]:
     "`data` as UTF-8 bytes without a BOM, and the encoding it was in (BOMs, UTF-16 by NUL pattern, binary refused)."
     for bom, enc in _BOMS:
@@ -114,6 +117,7 @@ class RawInput:
     @property
     def is_folder(self) -> bool: return self.files is not None
 
+# %% ../nbs/02a_formats.ipynb #fr50
 def is_store_key(path: str) -> bool:
     "True for a raw-data key inside the store (`data/raw/...`, as `Config.resolve_path` treats it)."
     return path.startswith("data/raw/")
@@ -135,6 +139,7 @@ def _read_file_bytes(path: str, store: Optional[Store]) -> Optional[bytes]:
     p = Path(path).expanduser()
     return p.read_bytes() if p.is_file() else None
 
+# %% ../nbs/02a_formats.ipynb #fr54
 def _folder_files(path: str, store: Optional[Store]) -> Optional[dict]:
     "{relative path: bytes} of the files (and `name/` for folders) below a folder, store or s3:// prefix; None if there is none."
     if path.startswith("s3://"):
@@ -150,6 +155,7 @@ def _folder_files(path: str, store: Optional[Store]) -> Optional[dict]:
     keys = src.list(prefix)
     return {k[len(prefix):]: src.read_bytes(k) for k in keys} if keys else None
 
+# %% ../nbs/02a_formats.ipynb #fr56
 def read_raw(path: str, store: Optional[Store] = None) -> RawInput:
     "Read a raw file or folder (local, store key or s3://), decompressed and decoded to UTF-8, with clear errors."
     path = str(path)
@@ -189,6 +195,7 @@ def register_format(fmt: RawFormat) -> RawFormat:
     FORMATS[fmt.name] = fmt
     return fmt
 
+# %% ../nbs/02a_formats.ipynb #fr58
 def format_names() -> list[str]:
     "Values `raw_format` accepts: auto and every registered format."
     return ["auto", *FORMATS]
@@ -205,6 +212,7 @@ def _bad_byte(char: str) -> str:
     "Describe the byte behind a surrogate-escaped character."
     return f"byte 0x{ord(char) - 0xdc00:02x} is not valid UTF-8"
 
+# %% ../nbs/02a_formats.ipynb #fr62
 def records_frame(lines, problems, details, values: dict, fmt: str) -> pd.DataFrame:
     "The common parsed-records frame: line, problem, detail and one string column per field."
     df = pd.DataFrame({"line": np.asarray(lines, dtype=np.int64),
@@ -213,6 +221,7 @@ def records_frame(lines, problems, details, values: dict, fmt: str) -> pd.DataFr
     df.attrs["format"] = fmt
     return df
 
+# %% ../nbs/02a_formats.ipynb #fr64
 def check_fields(needed: list[str], names: list[str], source: str, what: str = "column") -> None:
     "Raise if a needed field is not among the file's fields (names cut for the message)."
     missing = [f for f in needed if f not in names]
@@ -251,6 +260,7 @@ def head_records(data: bytes, delimiter: str, n: int = 200) -> list[list[str]]:
     except csv.Error: pass
     return out
 
+# %% ../nbs/02a_formats.ipynb #fr68
 def column_names(data: bytes, source: str, header: bool, columns: Optional[list[str]], delimiter: str) -> list[str]:
     "The column names: the header row, the configured `columns`, or column_1..column_N."
     if columns: names = list(columns)
@@ -349,6 +359,7 @@ def parse_delimited(raw: RawInput, cfg: DataConfig, needed: Optional[list[str]],
     df.attrs.update(csv_header=bool(header), fields=names)
     return df
 
+# %% ../nbs/02a_formats.ipynb #fr75
 def line_of(records: pd.DataFrame, n: int) -> str:
     "Point at a record by its (first) line."
     return f"line {n}"
@@ -367,6 +378,7 @@ def json_value_str(value) -> Optional[str]:
     if isinstance(value, (int, float)): return repr(value)
     return json.dumps(value, ensure_ascii=False)
 
+# %% ../nbs/02a_formats.ipynb #fr78
 def _json_record(obj, needed: list[str]):
     "Problem, detail and field values of one JSON record."
     if not isinstance(obj, dict):
@@ -402,6 +414,7 @@ def parse_jsonl(raw: RawInput, cfg: DataConfig, needed: Optional[list[str]]) -> 
     df.attrs["fields"] = fields
     return df
 
+# %% ../nbs/02a_formats.ipynb #fr82
 def parse_json_array(raw: RawInput, cfg: DataConfig, needed: Optional[list[str]]) -> pd.DataFrame:
     "Parse a JSON array of objects; a syntax error in the array is fatal."
     text = raw.data.decode("utf-8", errors="surrogateescape")
@@ -487,6 +500,7 @@ def detect_format(raw: RawInput, raw_format: Optional[str] = "auto") -> str:
     if first == b"{": return "jsonl"
     return "tsv" if b"\t" in raw.data[:4096].split(b"\n", 1)[0] else "csv"
 
+# %% ../nbs/02a_formats.ipynb #fr84
 def parse_records(raw: RawInput, fmt: str, cfg: DataConfig, needed: Optional[list[str]] = None) -> pd.DataFrame:
     "Parse `raw` of format `fmt` into the records frame with the `needed` fields (None: every field)."
     if raw.is_folder != (fmt == "folder"):

@@ -16,7 +16,7 @@ from .stages import metric_stages
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'STAGES', 'TOP_LEVEL_TYPES', 'SPLIT_METRIC_TYPES', 'PER_CLASS_KEYS', 'HISTORY_KEYS', 'COST_KEYS',
-           'label_indices', 'classification_metrics', 'metrics_record', 'validate_metrics_record', 'results_prefix',
+           'label_indices', 'classification_metrics', 'validate_metrics_record', 'metrics_record', 'results_prefix',
            'models_prefix', 'in_results', 'metrics_key', 'write_metrics', 'read_metrics', 'list_metrics', 'summary_row',
            'plot_confusion']
 
@@ -37,6 +37,7 @@ def label_indices(values: Sequence, labels: Sequence[str], what: str = "labels")
         else: raise ValueError(f"{what}[{pos}]: unknown label {v!r}; known labels: {labels}")
     return out
 
+# %% ../nbs/03a_metrics.ipynb #cr09
 def classification_metrics(y_true: Sequence, y_pred: Sequence, labels: Sequence[str]) -> dict:
     "Accuracy, macro/weighted F1, per-class precision/recall/F1/support and the confusion matrix (scikit-learn)."
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
@@ -53,30 +54,6 @@ def classification_metrics(y_true: Sequence, y_pred: Sequence, labels: Sequence[
             "per_class": {name: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
                                  "support": int(sup[i])} for i, name in enumerate(labels)},
             "confusion_matrix": confusion_matrix(t, p, labels=idx).astype(int).tolist()}
-
-# %% ../nbs/03a_metrics.ipynb #c008
-def metrics_record(model_name: str, stage: str, labels: Sequence[str], val_true, val_pred, test_true, test_pred, *,
-                   fit_seconds: float, predict_seconds: float, train_rows: int, data_report: dict,
-                   config: "Config | dict | None", params: Optional[dict] = None, history: Optional[list] = None,
-                   extra: Optional[dict] = None) -> dict:
-    "The metrics record of one model (the project-wide schema), validated."
-    labels = list(labels)
-    prov = provenance(config) if isinstance(config, Config) else {**provenance(), "config": dict(config or {})}
-    test = classification_metrics(test_true, test_pred, labels)
-    rec = {"schema_version": SCHEMA_VERSION, "model": model_short_name(model_name), "model_name": str(model_name),
-           "stage": stage, "labels": labels,
-           "validation": classification_metrics(val_true, val_pred, labels), "test": test,
-           "predictions": {"test": {"y_true": label_indices(test_true, labels, "test_true"),
-                                    "y_pred": label_indices(test_pred, labels, "test_pred")}},
-           "fit_seconds": float(fit_seconds), "predict_seconds": float(predict_seconds), "train_rows": int(train_rows),
-           "train_examples_per_second": (float(train_rows) / fit_seconds) if fit_seconds and fit_seconds > 0 else None,
-           "params": dict(params or {}), "history": list(history or []),
-           "data": {"split_hashes": split_hashes(data_report), "data_hash": data_report["data_hash"]},
-           "cost": None, **prov}
-    rec.update(extra or {})
-    problems = validate_metrics_record(rec)
-    if problems: raise ValueError(f"metrics record for {model_name!r} is invalid: " + "; ".join(problems))
-    return rec
 
 # %% ../nbs/03a_metrics.ipynb #c010
 _NUM = (int, float)
@@ -102,6 +79,7 @@ def _tname(types) -> str:
     types = types if isinstance(types, tuple) else (types,)
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
+# %% ../nbs/03a_metrics.ipynb #cr22
 def _check_split(m, where: str, labels: list) -> list[str]:
     "Problems with one split's metrics `m` (validation or test)."
     if not isinstance(m, dict): return [f"{where}: expected an object, got {type(m).__name__}"]
@@ -129,6 +107,7 @@ def _check_split(m, where: str, labels: list) -> list[str]:
         out.append(f"{where}.confusion_matrix: counts add up to {sum(map(sum, cm))}, but n is {m['n']}")
     return out
 
+# %% ../nbs/03a_metrics.ipynb #cr25
 def _check_predictions(rec: dict, labels: list) -> list[str]:
     "Problems with the stored test predictions (lengths, label range, agreement with the test confusion matrix)."
     pred = rec["predictions"].get("test")
@@ -147,6 +126,7 @@ def _check_predictions(rec: dict, labels: list) -> list[str]:
         return ["predictions.test: the stored predictions do not reproduce test.confusion_matrix"]
     return []
 
+# %% ../nbs/03a_metrics.ipynb #cr27
 def validate_metrics_record(rec) -> list[str]:
     "Problems with a metrics record, each naming the field (empty list: valid)."
     if not isinstance(rec, dict): return [f"record: expected a JSON object, got {type(rec).__name__}"]
@@ -187,6 +167,30 @@ def validate_metrics_record(rec) -> list[str]:
         if key not in bad_keys and rec[key] < 0: out.append(f"{key}: {rec[key]} is negative")
     return out
 
+# %% ../nbs/03a_metrics.ipynb #c008
+def metrics_record(model_name: str, stage: str, labels: Sequence[str], val_true, val_pred, test_true, test_pred, *,
+                   fit_seconds: float, predict_seconds: float, train_rows: int, data_report: dict,
+                   config: "Config | dict | None", params: Optional[dict] = None, history: Optional[list] = None,
+                   extra: Optional[dict] = None) -> dict:
+    "The metrics record of one model (the project-wide schema), validated."
+    labels = list(labels)
+    prov = provenance(config) if isinstance(config, Config) else {**provenance(), "config": dict(config or {})}
+    test = classification_metrics(test_true, test_pred, labels)
+    rec = {"schema_version": SCHEMA_VERSION, "model": model_short_name(model_name), "model_name": str(model_name),
+           "stage": stage, "labels": labels,
+           "validation": classification_metrics(val_true, val_pred, labels), "test": test,
+           "predictions": {"test": {"y_true": label_indices(test_true, labels, "test_true"),
+                                    "y_pred": label_indices(test_pred, labels, "test_pred")}},
+           "fit_seconds": float(fit_seconds), "predict_seconds": float(predict_seconds), "train_rows": int(train_rows),
+           "train_examples_per_second": (float(train_rows) / fit_seconds) if fit_seconds and fit_seconds > 0 else None,
+           "params": dict(params or {}), "history": list(history or []),
+           "data": {"split_hashes": split_hashes(data_report), "data_hash": data_report["data_hash"]},
+           "cost": None, **prov}
+    rec.update(extra or {})
+    problems = validate_metrics_record(rec)
+    if problems: raise ValueError(f"metrics record for {model_name!r} is invalid: " + "; ".join(problems))
+    return rec
+
 # %% ../nbs/03a_metrics.ipynb #c014
 def results_prefix() -> str:
     "Where metrics records go: `results`, or `NLPMT_RESULTS_PREFIX` (a sweep trial's own folder, so trials never overwrite the leaderboard)."
@@ -202,11 +206,13 @@ def in_results(key: str) -> str:
     "A `results/...` key moved under `results_prefix()` (unchanged outside a sweep trial)."
     return results_prefix() + key[len("results"):] if key.startswith("results/") else key
 
+# %% ../nbs/03a_metrics.ipynb #cr33
 def metrics_key(stage: str, model: str) -> str:
     "Store key of a model's metrics file: `results/{stage}/{model}_metrics.json`."
     if stage not in STAGES: raise ValueError(f"stage {stage!r} is not one of {list(STAGES)}")
     return f"{results_prefix()}/{stage}/{model_short_name(model)}_metrics.json"
 
+# %% ../nbs/03a_metrics.ipynb #cr35
 def write_metrics(store: Store, rec: dict) -> str:
     "Validate a metrics record and write it to its key in `store`; returns the key."
     problems = validate_metrics_record(rec)
@@ -222,6 +228,7 @@ def read_metrics(store: Store, key: str) -> dict:
     if problems: raise StoreError(f"{store.url(key)}: not a valid nlpmt metrics record: " + "; ".join(problems))
     return rec
 
+# %% ../nbs/03a_metrics.ipynb #cr37
 def list_metrics(store: Store, stages: Sequence[str] = STAGES) -> list[str]:
     "Keys of all metrics files in `store` for the given stages."
     return [k for s in stages for k in store.list(f"{results_prefix()}/{s}") if k.endswith("_metrics.json")]

@@ -28,11 +28,13 @@ LOADERS = model_loaders()   # saved-model kind -> module with `load_predictor` (
 class ModelNotFound(FileNotFoundError):
     "No saved nlpmt model where one was asked for."
 
+# %% ../nbs/08_predict.ipynb #cr13
 def available_models(store: Store) -> list[str]:
     "Names of the complete saved models in a store (folders under `models/final/` with a marker file)."
     keys = store.list(FINAL_PREFIX)
     return sorted({k.split("/")[2] for k in keys if k.count("/") == 3 and k.endswith("/" + MODEL_MARKER)})
 
+# %% ../nbs/08_predict.ipynb #cr16
 def _model_store(uri: str) -> Store:
     "The store or folder named by `--model` (a local path must exist)."
     if "://" not in uri and not Path(uri).expanduser().exists():
@@ -55,6 +57,7 @@ def locate_model(model: str, name: Optional[str] = None) -> tuple[Store, str]:
     raise ModelNotFound(f"{store.url()}: no {MODEL_MARKER} here and no models under {FINAL_PREFIX}/ "
                         "(not a saved nlpmt model folder or a store with models)")
 
+# %% ../nbs/08_predict.ipynb #cr18
 @contextlib.contextmanager
 def model_folder(model: str, name: Optional[str] = None) -> Iterator[Path]:
     "A local folder holding the model (the folder itself, or a temporary download of it)."
@@ -79,6 +82,7 @@ def read_marker(folder: str | Path) -> dict:
         raise ValueError(f"{path}: unknown model kind {marker['kind']!r} (known: {', '.join(LOADERS)})")
     return marker
 
+# %% ../nbs/08_predict.ipynb #cr23
 def load_model(folder: str | Path):
     "The predictor of a local model folder, loaded by the stage module its `kind` names."
     marker = read_marker(folder)
@@ -105,6 +109,7 @@ def read_texts(texts: Sequence[str] = (), file: Optional[str] = None) -> list[st
     if not out: raise ValueError("no texts to predict: give texts as arguments or --file FILE")
     return out
 
+# %% ../nbs/08_predict.ipynb #cr26
 def predict_texts(model: str, texts: Sequence[str], name: Optional[str] = None) -> dict:
     "Load the model that `model`/`name` point at and predict `texts`: the model's description and one row per text."
     texts = list(texts)
@@ -117,6 +122,7 @@ def predict_texts(model: str, texts: Sequence[str], name: Optional[str] = None) 
     return {"model": marker["model"], "kind": marker["kind"], "labels": list(predictor.labels), "score": score,
             "predictions": [{"text": t, "label": label, "score": float(s)} for t, (label, s) in zip(texts, results)]}
 
+# %% ../nbs/08_predict.ipynb #cr28
 def format_predictions(result: dict, as_json: bool = False) -> str:
     "The printed form of `predict_texts`' result: JSON, or one `label<TAB>score<TAB>text` line per text."
     if as_json: return json.dumps(result, indent=2, ensure_ascii=False)

@@ -31,6 +31,7 @@ TOP_LEVEL = tuple(dict.fromkeys(p.split("/")[0] for p in LAYOUT))  # data, resul
 MULTIPART_THRESHOLD = 8 * 1024 * 1024  # files this large or larger go up in parts
 MULTIPART_CHUNK = 8 * 1024 * 1024
 
+# %% ../nbs/01_storage.ipynb #cr23
 class StoreError(RuntimeError):
     "A store operation failed (missing key, failed or unverified transfer)."
 
@@ -52,10 +53,12 @@ def check_key(key: str, allow_empty: bool = False) -> str:
         raise UnsafeKeyError(f"unsafe store key {key!r}: '..', '.' or empty path segment")
     return stripped
 
+# %% ../nbs/01_storage.ipynb #cr36
 def join_key(*parts: str) -> str:
     "Join key parts with '/', skipping empty ones."
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
+# %% ../nbs/01_storage.ipynb #cr39
 def safe_local_path(root: str | Path, key: str) -> Path:
     "The local path for `key` below `root`, refusing anything that would land outside `root`."
     root = Path(root).resolve()
@@ -76,10 +79,12 @@ def file_etag(path: str | Path, threshold: int = MULTIPART_THRESHOLD, chunk: int
         for part in iter(lambda: f.read(chunk), b""): digests.append(hashlib.md5(part).digest())
     return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
 
+# %% ../nbs/01_storage.ipynb #cr41
 def bytes_etag(data: bytes) -> str:
     "S3-style ETag of a single-part upload of `data`."
     return hashlib.md5(data).hexdigest()
 
+# %% ../nbs/01_storage.ipynb #cr44
 @dataclass
 class ObjectInfo:
     "One stored object: key relative to the store root, size in bytes, and S3-style ETag (computed lazily locally)."
@@ -154,6 +159,7 @@ def temp_sibling(path: str | Path) -> Path:
     "A short, unique temporary name in `path`'s folder (`.nlpmt-<12 hex>.tmp`: fits however long the final name is)."
     return Path(path).with_name(f".nlpmt-{uuid.uuid4().hex[:12]}.tmp")
 
+# %% ../nbs/01_storage.ipynb #cr50
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     "Write `data` to `path` via a temporary file in the same folder and an atomic rename."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +178,7 @@ def atomic_copy_file(src: str | Path, dst: str | Path) -> None:
     finally:
         if tmp.exists(): tmp.unlink()
 
+# %% ../nbs/01_storage.ipynb #cr53
 class LocalStore(Store):
     "A store in a local folder (created on first write)."
     def __init__(self, root: str | Path):
@@ -219,6 +226,7 @@ def aws_endpoint(service: str = "s3") -> Optional[str]:
     "Custom endpoint for `service` from `AWS_ENDPOINT_URL_<SERVICE>` or `AWS_ENDPOINT_URL` (None: AWS itself)."
     return os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}") or os.environ.get("AWS_ENDPOINT_URL") or None
 
+# %% ../nbs/01_storage.ipynb #cr56
 def boto_client(service: str, region: Optional[str] = None, max_attempts: int = 8):
     "A boto3 client with standard retries, honouring custom endpoints and the configured region."
     import boto3
@@ -236,6 +244,7 @@ def transfer_config():
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
                           max_concurrency=4, use_threads=True)
 
+# %% ../nbs/01_storage.ipynb #cr59
 S3_BUCKET_RULE = ("S3 bucket names are 3-63 characters of lower-case letters, digits, '.' and '-', start and end with "
                   "a letter or digit, have no '..', are not IP addresses, do not start with 'xn--', 'sthree-' or "
                   "'amzn-s3-demo-' and do not end with '-s3alias', '--ol-s3', '.mrap', '--x-s3' or '--table-s3'")
@@ -256,6 +265,7 @@ def bucket_name_problem(bucket) -> Optional[str]:
         if bucket.endswith(tail): return f"ends with the reserved suffix {tail!r}"
     return None
 
+# %% ../nbs/01_storage.ipynb #cr61
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     "Split `s3://bucket/prefix` into a (valid) bucket name and a (checked) prefix."
     if not uri.startswith("s3://"): raise ValueError(f"not an s3:// URI: {uri!r}")
@@ -337,6 +347,7 @@ def open_store(uri: "str | Path | Store | None" = None, config=None) -> Store:
     if "://" in uri: raise ValueError(f"unsupported store URI {uri!r}: use a local folder or s3://bucket/prefix")
     return LocalStore(uri)
 
+# %% ../nbs/01_storage.ipynb #cr66
 def temp_store(prefix: str = "nlpmt-store-") -> LocalStore:
     "A fresh store in a new temporary folder (for demos and tests)."
     return LocalStore(tempfile.mkdtemp(prefix=prefix))
@@ -367,6 +378,7 @@ class SyncReport:
         return dict(src=self.src, dst=self.dst, copied=self.copied, skipped=self.skipped, deleted=self.deleted,
                     bytes_copied=self.bytes_copied, dry_run=self.dry_run, refused=self.refused)
 
+# %% ../nbs/01_storage.ipynb #cr71
 def _same(a: ObjectInfo, b: Optional[ObjectInfo]) -> bool:
     "Same size and ETag."
     return b is not None and a.size == b.size and a.etag == b.etag
@@ -379,6 +391,7 @@ def _escapes(store: Store, key: str, side: str) -> Optional[str]:
         path = store.root/key
         return f"the {side} {path} is a link to {path.resolve()}, outside {store.root}"
 
+# %% ../nbs/01_storage.ipynb #cr74
 def copy_object(src: Store, src_key: str, dst: Store, dst_key: str) -> None:
     "Copy one object between any two stores, using file transfers where a side is local."
     sp, dp = src.local_path(src_key) if isinstance(src, LocalStore) else None, None
@@ -387,6 +400,7 @@ def copy_object(src: Store, src_key: str, dst: Store, dst_key: str) -> None:
     elif dp is not None: src.download_file(src_key, dp)
     else: dst.write_bytes(dst_key, src.read_bytes(src_key))
 
+# %% ../nbs/01_storage.ipynb #cr76
 def sync(src: Store, dst: Store, src_prefix: str = "", dst_prefix: str = "", prefixes: Iterable[str] = ("",),
          delete: bool = False, dry_run: bool = False, progress: bool = True) -> SyncReport:
     "Make `dst` hold what `src` holds below the given prefixes; skip unchanged; delete extras only if asked."
@@ -454,6 +468,7 @@ def split_key(split: str, n_classes: int) -> str:
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return f"data/processed/{split}_{n_classes}class.csv"
 
+# %% ../nbs/01_storage.ipynb #cr78
 def read_data_report(store: Store) -> dict:
     "The data stage's report; a clear error if the data stage has not run on this store."
     if not store.exists(DATA_REPORT_KEY):
@@ -464,6 +479,7 @@ def split_hashes(report: dict) -> dict[str, str]:
     "SHA-256 of each split file, as recorded in the data report."
     return {s: report["splits"][s]["sha256"] for s in SPLITS}
 
+# %% ../nbs/01_storage.ipynb #cr80
 def read_split(store: Store, split: str, report: Optional[dict] = None) -> pd.DataFrame:
     "Read one processed split, verifying its SHA-256 against the data report."
     report = report or read_data_report(store)

@@ -31,6 +31,7 @@ def _raise_stop(signum, frame):
     "Signal handler: raise `StopRequested` in the main thread."
     raise StopRequested(signum)
 
+# %% ../nbs/06b_supervise.ipynb #cr19
 def install_stop_handlers() -> dict:
     "Make SIGINT, SIGTERM and SIGHUP raise `StopRequested`, whatever was inherited (a `nohup`-ignored SIGHUP stays ignored); returns the previous handlers."
     if threading.current_thread() is not threading.main_thread(): return {}
@@ -46,6 +47,7 @@ def restore_handlers(previous: dict) -> None:
     if threading.current_thread() is not threading.main_thread(): return
     for signum, handler in previous.items(): signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
+# %% ../nbs/06b_supervise.ipynb #cr22
 def stop_exit_code(exc: BaseException) -> int:
     "128 + the signal number of a stop (130 for a plain KeyboardInterrupt)."
     return 128 + int(getattr(exc, "signum", signal.SIGINT))
@@ -65,6 +67,7 @@ def parent_pipe() -> tuple[int, int]:
     "A pipe (read end, write end): the command keeps the write end, the job watches the read end."
     return os.pipe()   # both ends non-inheritable; `pass_fds` hands the read end to the job only
 
+# %% ../nbs/06b_supervise.ipynb #cr25
 def watch_parent(fd: int, on_gone: Callable[[], None]) -> threading.Thread:
     "Call `on_gone()` from a daemon thread once pipe `fd` reaches end-of-file (every write end closed: the parent died)."
     def wait():
@@ -77,6 +80,7 @@ def watch_parent(fd: int, on_gone: Callable[[], None]) -> threading.Thread:
     thread.start()
     return thread
 
+# %% ../nbs/06b_supervise.ipynb #cr28
 def watch_parent_from_env(on_gone: Callable[[], None], env: Optional[dict] = None) -> Optional[threading.Thread]:
     "Start `watch_parent` on the fd named by `NLPMT_PARENT_FD` (removed from the environment so the kernel does not see it); None without one."
     env = os.environ if env is None else env
@@ -96,6 +100,7 @@ def _emit(sinks: list, text: str) -> None:
         try: sink.write(text); sink.flush()
         except (OSError, ValueError): pass
 
+# %% ../nbs/06b_supervise.ipynb #cr31
 def follow_file(path: str | Path, sinks: list, done: threading.Event, prefix: str = "", poll: float = 0.05) -> None:
     "Copy what is appended to `path` to `sinks` until `done` is set and the file is read to its end."
     decoder, pending = codecs.getincrementaldecoder("utf-8")("replace"), ""
@@ -129,6 +134,7 @@ def write_job_plan(root: str | Path, store: str, log_key: str, checkpoint_prefix
     os.replace(tmp, path)
     return path
 
+# %% ../nbs/06b_supervise.ipynb #cr34
 def finish_local_job(root: str | Path, out=None, prefix: str = "") -> bool:
     "Upload the job's log (and checkpoints of a remote store) and remove its folder, as `root`'s plan says; True when all was saved."
     root, out = Path(root), out or sys.stderr
@@ -159,6 +165,7 @@ def stop_grace(env: Optional[dict] = None, default: float = 150.0) -> float:
     try: return max(1.0, float((os.environ if env is None else env).get(STOP_GRACE_ENV) or default))
     except ValueError: return default
 
+# %% ../nbs/06b_supervise.ipynb #cr37
 def finish_unsupervised_job(root: Optional[str | Path] = None) -> bool:
     "In a local job whose command is gone or that runs detached: upload its log and remove its folder; else do nothing."
     if not (parent_gone() or detached()): return False

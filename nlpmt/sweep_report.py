@@ -31,6 +31,7 @@ def trials_frame(manifest: dict) -> pd.DataFrame:
              "run_id": t["run_id"]} for t in manifest["trials"]]
     return pd.DataFrame(rows)
 
+# %% ../nbs/13_sweep_report.ipynb #rr11
 def plot_objective(manifest: dict, param: dict):
     "The objective of each completed trial against one swept parameter (log axis for log ranges), chosen trial ringed."
     import matplotlib.figure
@@ -65,6 +66,7 @@ class SweepSummary:
     test: Optional[dict] = None                        # macro_f1, lo, hi, accuracy
     versus: pd.DataFrame = field(default_factory=pd.DataFrame)
 
+# %% ../nbs/13_sweep_report.ipynb #rr15
 def chosen_record(store: Store, manifest: dict) -> Optional[dict]:
     "The metrics record of the chosen trial (best validation macro-F1 among its models), or None."
     chosen = manifest.get("chosen")
@@ -73,6 +75,7 @@ def chosen_record(store: Store, manifest: dict) -> Optional[dict]:
             if isinstance(r.get("predictions"), dict) and "test" in r["predictions"]]
     return max(recs, key=lambda r: r["validation"]["macro_f1"]) if recs else None
 
+# %% ../nbs/13_sweep_report.ipynb #rr17
 def versus_baselines(store: Store, rec: dict, n_bootstrap: int = DEFAULT_N_BOOTSTRAP, seed: int = DEFAULT_SEED,
                      alpha: float = ALPHA) -> tuple[dict, pd.DataFrame]:
     "The chosen record's test macro-F1 with its interval, and the paired test against each comparable baseline."
@@ -112,6 +115,7 @@ def summarize_sweep(store: Store, manifest: dict, n_bootstrap: int = DEFAULT_N_B
     if s.chosen_record is not None: s.test, s.versus = versus_baselines(store, s.chosen_record, n_bootstrap, seed)
     return s
 
+# %% ../nbs/13_sweep_report.ipynb #rr20
 def sweep_markdown(s: SweepSummary) -> str:
     "The report section of one sweep."
     m = s.manifest
@@ -135,6 +139,7 @@ def sweep_markdown(s: SweepSummary) -> str:
         lines.append("The chosen trial wrote no metrics record with test predictions (no test score to report).")
     return "\n".join(lines + [""])
 
+# %% ../nbs/13_sweep_report.ipynb #rr22
 def report_sweeps(store, n_bootstrap: int = DEFAULT_N_BOOTSTRAP, seed: int = DEFAULT_SEED, write: bool = True) -> list[SweepSummary]:
     "Summaries of every sweep in the store; writes `results/sweeps/report.md` and the figures (when `write`)."
     store = open_store(store) if not isinstance(store, Store) else store

@@ -28,6 +28,7 @@ def configured_tracking_uri(env: Optional[dict] = None) -> Optional[str]:
     except Exception: return None
     return uri or None
 
+# %% ../nbs/12_tracking.ipynb #tr07
 def resolve_tracking_uri(uri: str) -> str:
     "A local folder made absolute (`file://`), anything with a scheme or an ARN unchanged."
     if "://" in uri or uri.startswith("arn:"): return uri
@@ -41,6 +42,7 @@ def _clean_param(v) -> str:
     s = v if isinstance(v, str) else json.dumps(v, default=str)
     return s[:6000]
 
+# %% ../nbs/12_tracking.ipynb #tr17
 def _model_of(params: dict) -> Optional[str]:
     "The model a job trains, from its parameters."
     for k in ("model_name", "model"):
@@ -49,6 +51,7 @@ def _model_of(params: dict) -> Optional[str]:
     if isinstance(models, list) and models: return ",".join(map(str, models))
     return None
 
+# %% ../nbs/12_tracking.ipynb #tr20
 class JobTracker:
     "The MLflow run of one job (no-op when tracking is off or MLflow cannot be reached)."
     def __init__(self, uri: Optional[str], experiment: str, out=None):
@@ -130,6 +133,7 @@ def job_records(store, stage: str, since: str) -> dict[str, dict]:
         if isinstance(rec, dict) and str(rec.get("timestamp", "")) >= since: out[k] = rec
     return out
 
+# %% ../nbs/12_tracking.ipynb #tr24
 def final_metrics(records: dict[str, dict]) -> dict[str, float]:
     "Flat final metrics of a job's records."
     out, several = {}, len(records) > 1
@@ -143,6 +147,7 @@ def final_metrics(records: dict[str, dict]) -> dict[str, float]:
             if isinstance(rec.get(m), (int, float)): out[f"{pre}{m}"] = rec[m]
     return out
 
+# %% ../nbs/12_tracking.ipynb #tr26
 def notebook_figures(nb_path: Path, dest: Path) -> list[Path]:
     "Write every PNG the executed notebook displayed to `dest`; returns the files."
     import base64
