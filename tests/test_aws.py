@@ -1,10 +1,16 @@
-"""nlpmt.aws: prices and costs, least-privilege policies, bootstrap, EC2, budgets, doctor and the EC2 user-data
-script, every AWS call against the moto server on 127.0.0.1."""
+"""The AWS side through the `nlpmt aws`, `nlpmt cost` and `nlpmt doctor` commands and the modules behind them
+(nlpmt.costs, nlpmt.job_resources, nlpmt.iam, nlpmt.bootstrap, nlpmt.ec2, nlpmt.doctor): prices and costs,
+least-privilege policies, bootstrap, EC2, budgets, doctor and the EC2 user-data script, every AWS call against the
+moto server on 127.0.0.1."""
 import base64, datetime, hashlib, io, json, os, shlex, shutil, signal, stat, subprocess, sys, time, urllib.error
 import urllib.request, uuid
 from pathlib import Path
 import pytest, yaml
-from nlpmt import aws
+from nlpmt.costs import PRICE_COLUMNS, instance_price, job_cost, price_table
+from nlpmt.job_resources import JOB_LOG_GROUPS, JOB_STORE_ACCESS
+from nlpmt.iam import as_list, check_policy, policy_allows, sagemaker_job_needs, sagemaker_role_policy, trust_policy
+from nlpmt.bootstrap import EC2_POLICY_NAME, SAGEMAKER_POLICY_NAME, set_yaml_scalars
+from nlpmt.ec2 import DLAMI_NAME_PATTERN, find_dlami, render_user_data
 from nlpmt.cli import main
 from nlpmt.core import sha256_bytes
 from nlpmt.storage import LocalStore, S3Store
@@ -25,7 +31,7 @@ def run(capsys, *argv):
 def project(tmp_path):
     "A scratch project: a copy of the repo's configs/ with a unique project name (so IAM names never collide)."
     shutil.copytree(ROOT/"configs", tmp_path/"configs")
-    aws.set_yaml_scalars(tmp_path/"configs"/"project.yaml", {"name": f"t-{uuid.uuid4().hex[:8]}"})
+    set_yaml_scalars(tmp_path/"configs"/"project.yaml", {"name": f"t-{uuid.uuid4().hex[:8]}"})
     return tmp_path
 
 
@@ -41,16 +47,16 @@ def test_price_table_has_the_required_prices():
     want = {"ml.p3.2xlarge": (3.06, 0.90), "ml.p3.8xlarge": (12.24, 3.67), "ml.g5.xlarge": (1.01, 0.30),
             "ml.g5.2xlarge": (1.21, 0.36)}
     for t, (on_demand, spot) in want.items():
-        assert aws.instance_price(t) == on_demand and aws.instance_price(t, spot=True) == spot
-        assert aws.instance_price(t[3:]) > 0 and aws.instance_price(t[3:], spot=True) < aws.instance_price(t[3:])  # EC2 twin
-    assert aws.instance_price("ml.m5.xlarge") > 0 and aws.instance_price("m5.xlarge") > 0
-    assert aws.job_cost("ml.p3.2xlarge", 7200) == pytest.approx(6.12)
+        assert instance_price(t) == on_demand and instance_price(t, spot=True) == spot
+        assert instance_price(t[3:]) > 0 and instance_price(t[3:], spot=True) < instance_price(t[3:])  # EC2 twin
+    assert instance_price("ml.m5.xlarge") > 0 and instance_price("m5.xlarge") > 0
+    assert job_cost("ml.p3.2xlarge", 7200) == pytest.approx(6.12)
     # SageMaker billable seconds of a managed spot job are already discounted: no second discount
-    assert aws.job_cost("ml.g5.xlarge", 3600, spot=True) == pytest.approx(1.01)
-    assert aws.job_cost("ml.g5.xlarge", 3600, spot=True, discounted=False) == pytest.approx(0.30)
-    assert aws.job_cost("g5.2xlarge", 1800, spot=True) == pytest.approx(0.18)
-    assert aws.job_cost("ml.p3.8xlarge", 3600, instance_count=2) == pytest.approx(24.48)
-    with pytest.raises(ValueError, match="billable_seconds"): aws.job_cost("ml.g5.xlarge", -1)
+    assert job_cost("ml.g5.xlarge", 3600, spot=True) == pytest.approx(1.01)
+    assert job_cost("ml.g5.xlarge", 3600, spot=True, discounted=False) == pytest.approx(0.30)
+    assert job_cost("g5.2xlarge", 1800, spot=True) == pytest.approx(0.18)
+    assert job_cost("ml.p3.8xlarge", 3600, instance_count=2) == pytest.approx(24.48)
+    with pytest.raises(ValueError, match="billable_seconds"): job_cost("ml.g5.xlarge", -1)
 
 
 def test_cost_estimate_cli(capsys):
@@ -68,10 +74,10 @@ def test_cost_estimate_cli(capsys):
 
 def test_bad_price_table_names_file_line_and_field(tmp_path):
     f = tmp_path/"prices.csv"
-    f.write_text("# comment\n" + ",".join(aws.PRICE_COLUMNS) + "\nml.g5.xlarge,sagemaker,1.01,0.3,1,A10G,4,16\n"
+    f.write_text("# comment\n" + ",".join(PRICE_COLUMNS) + "\nml.g5.xlarge,sagemaker,1.01,0.3,1,A10G,4,16\n"
                  "g5.xlarge,sagemaker,1.0,0.3,1,A10G,4,16\n")
     with pytest.raises(ValueError, match=r"prices.csv: line 4: service sagemaker does not match"):
-        aws.price_table(str(f))
+        price_table(str(f))
 
 
 # ---------------------------------------------------------------- IAM policies
@@ -84,13 +90,13 @@ def test_policies_are_least_privilege(capsys, tmp_path):
     rc, out, _ = run(capsys, "aws", "policy", "sagemaker", "--bucket", "my-bucket", "--prefix", "proj", "--config-dir", ROOT/"configs")
     doc = json.loads(out)
     perms, trust = doc["permissions"], doc["trust"]
-    assert rc == 0 and aws.check_policy(perms, "my-bucket", "proj") == []
+    assert rc == 0 and check_policy(perms, "my-bucket", "proj") == []
     assert trust["Statement"][0]["Principal"] == {"Service": "sagemaker.amazonaws.com"}
-    s3 = [s for s in perms["Statement"] if any(str(a).startswith("s3:") for a in aws._as_list(s["Action"]))]
+    s3 = [s for s in perms["Statement"] if any(str(a).startswith("s3:") for a in as_list(s["Action"]))]
     replaced = {f"arn:aws:s3:::my-bucket/proj/{p}/*" for p in ("models/final", "models/checkpoints", "figures/results")}
-    assert {r for s in s3 for r in aws._as_list(s["Resource"])} == {"arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/proj/*"} | replaced
+    assert {r for s in s3 for r in as_list(s["Resource"])} == {"arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/proj/*"} | replaced
     # delete only where stages replace their own outputs (final models, rotated checkpoints, stale report figures)
-    deleting = [s for s in s3 if "s3:DeleteObject" in aws._as_list(s["Action"])]
+    deleting = [s for s in s3 if "s3:DeleteObject" in as_list(s["Action"])]
     assert [s["Sid"] for s in deleting] == ["ReplaceStageOutputs"] and set(deleting[0]["Resource"]) == replaced
     sts = statements(perms)
     assert "ecr:BatchGetImage" in sts["PullImages"]["Action"] and "logs:PutLogEvents" in sts["WriteJobLogs"]["Action"]
@@ -105,7 +111,7 @@ def test_policies_are_least_privilege(capsys, tmp_path):
     rc, out, _ = run(capsys, "aws", "policy", "ec2", "--bucket", "my-bucket", "--sagemaker-role-arn", role,
                      "--part", "permissions", "--config-dir", ROOT/"configs")
     ec2 = json.loads(out)
-    assert rc == 0 and aws.check_policy(ec2, "my-bucket") == []
+    assert rc == 0 and check_policy(ec2, "my-bucket") == []
     passrole = statements(ec2)["PassOnlyTheSageMakerRole"]
     assert passrole["Resource"] == role and passrole["Condition"]["StringEquals"]["iam:PassedToService"] == "sagemaker.amazonaws.com"
     run_jobs = statements(ec2)["RunSageMakerJobs"]
@@ -122,34 +128,34 @@ def test_policies_are_least_privilege(capsys, tmp_path):
     rc, out, _ = run(capsys, "aws", "policy", "ec2", "--bucket", "my-bucket", "--part", "trust", "--config-dir", ROOT/"configs")
     assert json.loads(out)["Statement"][0]["Principal"]["Service"] == "ec2.amazonaws.com"
     # --allow-delete adds exactly s3:DeleteObject on the objects, and the checker accepts it only when allowed
-    deleting = aws.sagemaker_role_policy("my-bucket", allow_delete=True)
+    deleting = sagemaker_role_policy("my-bucket", allow_delete=True)
     assert "s3:DeleteObject" in statements(deleting)["ReadWriteProjectObjects"]["Action"]
-    assert aws.check_policy(deleting, "my-bucket", allow_delete=True) == []
-    assert aws.check_policy(deleting, "my-bucket") == ["statement ReadWriteProjectObjects: S3 action 's3:deleteobject' is only "
+    assert check_policy(deleting, "my-bucket", allow_delete=True) == []
+    assert check_policy(deleting, "my-bucket") == ["statement ReadWriteProjectObjects: S3 action 's3:deleteobject' is only "
                                                        "needed below figures/results/, models/final/, models/checkpoints/ (or everywhere with --allow-delete)"]
     # a custom image: pulls only from its repository
-    custom = aws.sagemaker_role_policy("my-bucket", image_uri="123456789012.dkr.ecr.eu-west-1.amazonaws.com/nlpmt:1")
+    custom = sagemaker_role_policy("my-bucket", image_uri="123456789012.dkr.ecr.eu-west-1.amazonaws.com/nlpmt:1")
     assert statements(custom)["PullImages"]["Resource"] == ["arn:aws:ecr:eu-west-1:123456789012:repository/nlpmt"]
 
 
 def test_generated_policy_covers_every_job_need_and_the_doctor_notices_a_missing_one():
-    needs = aws.sagemaker_job_needs("my-bucket", "proj")
-    policy = aws.sagemaker_role_policy("my-bucket", "proj")
-    assert all(aws.policy_allows([policy], a, r) for a, r in needs)
+    needs = sagemaker_job_needs("my-bucket", "proj")
+    policy = sagemaker_role_policy("my-bucket", "proj")
+    assert all(policy_allows([policy], a, r) for a, r in needs)
     # every store prefix in the shared definition, both log groups and the image repository are needs
-    assert {r.split("/proj/")[1].rsplit("/", 1)[0] for a, r in needs if a.startswith("s3:") and "/proj/" in r} == set(aws.JOB_STORE_ACCESS)
-    assert {r.split(":log-group:")[1].split(":")[0] for a, r in needs if a.startswith("logs:")} == set(aws.JOB_LOG_GROUPS.values())
+    assert {r.split("/proj/")[1].rsplit("/", 1)[0] for a, r in needs if a.startswith("s3:") and "/proj/" in r} == set(JOB_STORE_ACCESS)
+    assert {r.split(":log-group:")[1].split(":")[0] for a, r in needs if a.startswith("logs:")} == set(JOB_LOG_GROUPS.values())
     # the policy as first written: logs only for Training jobs; Processing jobs could not write theirs
-    old = aws.sagemaker_role_policy("my-bucket", "proj")
+    old = sagemaker_role_policy("my-bucket", "proj")
     statements(old)["WriteJobLogs"]["Resource"] = [r for r in statements(old)["WriteJobLogs"]["Resource"] if "TrainingJobs" in r]
-    missing = [(a, r) for a, r in needs if not aws.policy_allows([old], a, r)]
+    missing = [(a, r) for a, r in needs if not policy_allows([old], a, r)]
     assert missing and all("/aws/sagemaker/ProcessingJobs" in r for _, r in missing)
     assert {a for a, _ in missing} == {"logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"}
     # no delete outside the replaced outputs, no listing outside the prefix
-    assert not aws.policy_allows([policy], "s3:DeleteObject", "arn:aws:s3:::my-bucket/proj/results/baseline/logreg_metrics.json")
-    assert not aws.policy_allows([policy], "s3:DeleteObject", "arn:aws:s3:::my-bucket/proj/data/processed/train_4class.csv")
-    assert aws.policy_allows([policy], "s3:ListBucket", "arn:aws:s3:::my-bucket", {"s3:prefix": "proj/code/x"})
-    assert not aws.policy_allows([policy], "s3:ListBucket", "arn:aws:s3:::my-bucket", {"s3:prefix": "other/"})
+    assert not policy_allows([policy], "s3:DeleteObject", "arn:aws:s3:::my-bucket/proj/results/baseline/logreg_metrics.json")
+    assert not policy_allows([policy], "s3:DeleteObject", "arn:aws:s3:::my-bucket/proj/data/processed/train_4class.csv")
+    assert policy_allows([policy], "s3:ListBucket", "arn:aws:s3:::my-bucket", {"s3:prefix": "proj/code/x"})
+    assert not policy_allows([policy], "s3:ListBucket", "arn:aws:s3:::my-bucket", {"s3:prefix": "other/"})
 
 
 @pytest.mark.parametrize("planted, message", [
@@ -166,7 +172,7 @@ def test_generated_policy_covers_every_job_need_and_the_doctor_notices_a_missing
     ({"Sid": "Planted", "Effect": "Allow", "Action": "sagemaker:StopTrainingJob", "Resource": "arn:aws:sagemaker:*:*:training-job/*"}, "on every job"),
 ])
 def test_check_policy_flags_planted_over_broad_statement(capsys, tmp_path, planted, message):
-    doc = aws.sagemaker_role_policy("my-bucket")
+    doc = sagemaker_role_policy("my-bucket")
     good = tmp_path/"good.json"; good.write_text(json.dumps(doc))
     rc, out, _ = run(capsys, "aws", "check-policy", good, "--bucket", "my-bucket")
     assert rc == 0 and "least privilege" in out
@@ -210,15 +216,15 @@ def test_bootstrap_is_idempotent_and_repairs_drift(aws_env, project, capsys):
     assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     role = f"{name}-sagemaker-execution"
     trust = iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"]
-    assert trust == aws.trust_policy("sagemaker.amazonaws.com", "123456789012", "us-east-1")
+    assert trust == trust_policy("sagemaker.amazonaws.com", "123456789012", "us-east-1")
     assert trust["Statement"][0]["Condition"] == {"StringEquals": {"aws:SourceAccount": "123456789012"},
                                                   "ArnLike": {"aws:SourceArn": "arn:aws:sagemaker:us-east-1:123456789012:*"}}
     assert "Condition" not in iam.get_role(RoleName=f"{name}-ec2")["Role"]["AssumeRolePolicyDocument"]["Statement"][0]
-    assert iam.get_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME)["PolicyDocument"] == \
-        aws.sagemaker_role_policy(bucket, region="us-east-1", account="123456789012")
+    assert iam.get_role_policy(RoleName=role, PolicyName=SAGEMAKER_POLICY_NAME)["PolicyDocument"] == \
+        sagemaker_role_policy(bucket, region="us-east-1", account="123456789012")
     profile = iam.get_instance_profile(InstanceProfileName=f"{name}-ec2")["InstanceProfile"]
     assert [r["RoleName"] for r in profile["Roles"]] == [f"{name}-ec2"]
-    ec2_doc = iam.get_role_policy(RoleName=f"{name}-ec2", PolicyName=aws.EC2_POLICY_NAME)["PolicyDocument"]
+    ec2_doc = iam.get_role_policy(RoleName=f"{name}-ec2", PolicyName=EC2_POLICY_NAME)["PolicyDocument"]
     assert statements(ec2_doc)["PassOnlyTheSageMakerRole"]["Resource"] == first["sagemaker_role_arn"]
 
     # a second run changes nothing, in AWS or in the file
@@ -229,11 +235,11 @@ def test_bootstrap_is_idempotent_and_repairs_drift(aws_env, project, capsys):
 
     # drift is repaired: public access opened, a policy widened
     s3.delete_public_access_block(Bucket=bucket)
-    iam.put_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME, PolicyDocument=json.dumps(
+    iam.put_role_policy(RoleName=role, PolicyName=SAGEMAKER_POLICY_NAME, PolicyDocument=json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
     rc, out, _ = run(capsys, "aws", "bootstrap", "--bucket", bucket, "--config-dir", project/"configs")
-    assert rc == 0 and "blocked all public access" in out and f"updated policy {aws.SAGEMAKER_POLICY_NAME}" in out
-    assert aws.check_policy(iam.get_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME)["PolicyDocument"], bucket) == []
+    assert rc == 0 and "blocked all public access" in out and f"updated policy {SAGEMAKER_POLICY_NAME}" in out
+    assert check_policy(iam.get_role_policy(RoleName=role, PolicyName=SAGEMAKER_POLICY_NAME)["PolicyDocument"], bucket) == []
 
     rc, _, err = run(capsys, "aws", "bootstrap", "--bucket", "Bad_Bucket", "--config-dir", project/"configs")
     assert rc == 1 and "--bucket 'Bad_Bucket' is not a valid S3 bucket name" in err
@@ -260,11 +266,11 @@ def test_bootstrap_require_tls_denies_plain_http(aws_env, project, capsys):
 def test_set_yaml_scalars_refuses_ambiguous_edits(tmp_path):
     f = tmp_path/"p.yaml"
     f.write_text("role_arn: null\nrole_arn: x\n")
-    with pytest.raises(Exception, match="appears 2 times"): aws.set_yaml_scalars(f, {"role_arn": "a"})
+    with pytest.raises(Exception, match="appears 2 times"): set_yaml_scalars(f, {"role_arn": "a"})
     f.write_text("name: x   # the name\n")
-    assert aws.set_yaml_scalars(f, {"bucket": "b-1"}) == ["bucket"]
+    assert set_yaml_scalars(f, {"bucket": "b-1"}) == ["bucket"]
     assert f.read_text() == "name: x   # the name\nbucket: b-1\n"
-    assert aws.set_yaml_scalars(f, {"name": "it's: #1"}) == ["name"]
+    assert set_yaml_scalars(f, {"name": "it's: #1"}) == ["name"]
     assert yaml.safe_load(f.read_text())["name"] == "it's: #1" and "# the name" in f.read_text()
 
 
@@ -291,7 +297,7 @@ def test_ec2_launch_list_connect_terminate(aws_env, project, capsys):
                             f"Deep Learning AMI Neuron PyTorch 1.13 (Ubuntu 22.04) 20250401 {tag}",
                             f"Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) 20250501 {tag}"])
     newest = ids[f"Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.5.1 (Ubuntu 22.04) 20250301 {tag}"]
-    found = aws.find_dlami(ec2, pattern=aws.DLAMI_NAME_PATTERN + tag, owners=["self"])
+    found = find_dlami(ec2, pattern=DLAMI_NAME_PATTERN + tag, owners=["self"])
     assert found["ImageId"] == newest                     # newest PyTorch/Ubuntu build; Neuron and Base skipped
 
     ec2.create_key_pair(KeyName=f"k-{tag}")
@@ -350,11 +356,11 @@ def test_ec2_launch_needs_bootstrap_first(aws_env, project, capsys):
 
 def test_user_data_quotes_parameters(tmp_path):
     evil = "x'; touch pwned; echo '$(touch pwned2)"
-    script = aws.render_user_data({"NLPMT_SRC": evil, "PORT": 8888})
+    script = render_user_data({"NLPMT_SRC": evil, "PORT": 8888})
     exports = "\n".join(l for l in script.splitlines() if l.startswith("export "))
     out = subprocess.run(["bash", "-c", exports + '\nprintf %s "$NLPMT_SRC"'], cwd=tmp_path, capture_output=True, text=True)
     assert out.stdout == evil and not list(tmp_path.iterdir())
-    with pytest.raises(ValueError, match="not an environment variable name"): aws.render_user_data({"A;B": "1"})
+    with pytest.raises(ValueError, match="not an environment variable name"): render_user_data({"A;B": "1"})
 
 
 # ---------------------------------------------------------------- budgets
@@ -465,15 +471,15 @@ def test_doctor_turns_each_cross_into_a_tick(aws_env, project, capsys, monkeypat
     # a role whose policy lost s3:PutObject is a ✗ until bootstrap repairs it
     iam = boto("iam")
     role = yaml.safe_load((project/"configs"/"project.yaml").read_text())["role_arn"].rpartition("/")[2]
-    doc = aws.sagemaker_role_policy(bucket, "proj")
+    doc = sagemaker_role_policy(bucket, "proj")
     statements(doc)["ReadWriteProjectObjects"]["Action"].remove("s3:PutObject")
-    iam.put_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME, PolicyDocument=json.dumps(doc))
+    iam.put_role_policy(RoleName=role, PolicyName=SAGEMAKER_POLICY_NAME, PolicyDocument=json.dumps(doc))
     rc, checks = doctor(capsys, project, uri)
     assert rc == 1 and "does not allow: s3:PutObject" in checks["SageMaker role"]["detail"]
     # a role whose logs cover only Training jobs (Processing jobs log to their own group) is a ✗ too
-    doc = aws.sagemaker_role_policy(bucket, "proj")
+    doc = sagemaker_role_policy(bucket, "proj")
     statements(doc)["WriteJobLogs"]["Resource"] = [r for r in statements(doc)["WriteJobLogs"]["Resource"] if "TrainingJobs" in r]
-    iam.put_role_policy(RoleName=role, PolicyName=aws.SAGEMAKER_POLICY_NAME, PolicyDocument=json.dumps(doc))
+    iam.put_role_policy(RoleName=role, PolicyName=SAGEMAKER_POLICY_NAME, PolicyDocument=json.dumps(doc))
     rc, checks = doctor(capsys, project, uri)
     detail = checks["SageMaker role"]["detail"]
     assert rc == 1 and "logs:PutLogEvents on arn:aws:logs:us-east-1:123456789012:log-group:/aws/sagemaker/ProcessingJobs" in detail
@@ -535,7 +541,7 @@ def test_user_data_script_installs_syncs_and_serves_jupyterlab(aws_env, s3_bucke
     work, home, port = tmp_path/"work", tmp_path/"home", free_port()
     home.mkdir()
     script = tmp_path/"user-data.sh"   # rendered the way `nlpmt aws ec2 launch` renders it
-    script.write_text(aws.render_user_data({"NLPMT_STORE": store.uri, "NLPMT_SRC": ROOT, "WORKDIR": work, "PORT": port,
+    script.write_text(render_user_data({"NLPMT_STORE": store.uri, "NLPMT_SRC": ROOT, "WORKDIR": work, "PORT": port,
                                             "PYTHON": sys.executable, "NLPMT_PIP_OPTS": "--no-deps --no-build-isolation",
                                             "NLPMT_AS_USER": "1", "NLPMT_WAIT": 120}))
     env = {**os.environ, "HOME": str(home), "JUPYTER_CONFIG_DIR": str(home/"jc"), "JUPYTER_DATA_DIR": str(home/"jd"),
@@ -592,21 +598,21 @@ def test_trust_policies_carry_confused_deputy_conditions_and_arns_are_pinned(cap
     rc, out, _ = run(capsys, "aws", "policy", "sagemaker", "--bucket", "my-bucket", "--account", account,
                      "--region", "eu-west-1", "--config-dir", ROOT/"configs")
     doc = json.loads(out)
-    assert rc == 0 and aws.check_policy(doc["permissions"], "my-bucket") == []
+    assert rc == 0 and check_policy(doc["permissions"], "my-bucket") == []
     (trust,) = doc["trust"]["Statement"]
     assert trust["Condition"] == {"StringEquals": {"aws:SourceAccount": account},
                                   "ArnLike": {"aws:SourceArn": f"arn:aws:sagemaker:eu-west-1:{account}:*"}}
     assert all(r.startswith(f"arn:aws:logs:eu-west-1:{account}:log-group:/aws/sagemaker/")
                for r in statements(doc["permissions"])["WriteJobLogs"]["Resource"])
     # the generated role still allows every job need in its own account and region, and none in another account
-    needs = aws.sagemaker_job_needs("my-bucket", None, region="eu-west-1", account=account)
-    assert all(aws.policy_allows([doc["permissions"]], a, r) for a, r in needs)
-    other = aws.sagemaker_job_needs("my-bucket", None, region="eu-west-1", account="111111111111")
-    assert not aws.policy_allows([doc["permissions"]], *next((a, r) for a, r in other if r.startswith("arn:aws:logs")))
+    needs = sagemaker_job_needs("my-bucket", None, region="eu-west-1", account=account)
+    assert all(policy_allows([doc["permissions"]], a, r) for a, r in needs)
+    other = sagemaker_job_needs("my-bucket", None, region="eu-west-1", account="111111111111")
+    assert not policy_allows([doc["permissions"]], *next((a, r) for a, r in other if r.startswith("arn:aws:logs")))
     # EC2: no condition (EC2 sends neither source account nor ARN for an instance profile); PassRole of this account's role only
     rc, out, _ = run(capsys, "aws", "policy", "ec2", "--bucket", "my-bucket", "--account", account, "--config-dir", ROOT/"configs")
     doc = json.loads(out)
-    assert rc == 0 and aws.check_policy(doc["permissions"], "my-bucket") == []
+    assert rc == 0 and check_policy(doc["permissions"], "my-bucket") == []
     assert "Condition" not in doc["trust"]["Statement"][0]
     name = yaml.safe_load((ROOT/"configs"/"project.yaml").read_text())["name"]
     assert statements(doc["permissions"])["PassOnlyTheSageMakerRole"]["Resource"] == \

@@ -51,3 +51,18 @@ def test_sync_and_ls_against_s3(aws_env, s3_bucket, tmp_path):
 def test_bad_store_uri_is_a_clear_error():
     r = nlpmt("ls", "gs://bucket/x")
     assert r.returncode == 1 and "unsupported store URI" in r.stderr
+
+
+def test_help_on_aws_cost_and_doctor_commands():
+    "The aws, cost and doctor commands answer --help; an option they share reads the same in each of them."
+    helps = {}
+    for args in [["aws"], ["aws", "ec2", "launch"], ["aws", "bootstrap"], ["cost", "estimate"], ["doctor"]]:
+        r = nlpmt(*args, "--help")
+        assert r.returncode == 0 and "usage: nlpmt" in r.stdout, (args, r.stderr)
+        helps[" ".join(args)] = " ".join(r.stdout.split())
+    for sub in ("policy", "check-policy", "bootstrap", "ec2", "budget"): assert sub in helps["aws"]
+    store = "--store STORE the cloud store, s3://bucket/prefix (default: project.store if s3://, else s3://project.bucket)"
+    assert store in helps["aws ec2 launch"] and store in helps["doctor"]
+    spot = "--spot spot capacity (cheaper, can be interrupted)"
+    assert spot in helps["aws ec2 launch"] and spot in helps["cost estimate"]
+    assert "--bucket BUCKET the project's S3 bucket" in helps["aws bootstrap"]

@@ -4,14 +4,15 @@ policies `nlpmt aws bootstrap` creates, assumed through moto's STS, and the proj
 moto enforces actions everywhere and resources for S3 (the object ARN of every request), but it evaluates no
 `Condition` (a statement with one counts as an explicit deny) and checks SageMaker and CloudWatch Logs calls against
 resource "*" only. `moto_enforceable` adapts exactly those statements (listed and asserted below); the resource ARNs
-and conditions it relaxes stay covered by nlpmt's own evaluator (`nlpmt.aws.policy_allows`, tests/test_aws.py and
+and conditions it relaxes stay covered by nlpmt's own evaluator (`nlpmt.iam.policy_allows`, tests/test_aws.py and
 tests/test_sagemaker_jobs.py)."""
 import copy, io, json, os, re, subprocess, sys, uuid
 from pathlib import Path
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from nlpmt import aws
+from nlpmt.bootstrap import EC2_POLICY_NAME, SAGEMAKER_POLICY_NAME, aws_names, bootstrap
+from nlpmt.iam import policy_allows, trusts_service
 from nlpmt.cli import main
 from nlpmt.core import load_config
 from nlpmt.job_plan import plan_jobs
@@ -85,13 +86,13 @@ def project(enforced_moto, tmp_path_factory):
     try:
         bucket, prefix = f"nlpmt-iam-{uuid.uuid4().hex[:8]}", "proj"
         config = load_config()
-        done = aws.bootstrap(config, bucket, prefix, write_config=False)
+        done = bootstrap(config, bucket, prefix, write_config=False)
         admin_session = boto3.session.Session(aws_access_key_id=admin["AWS_ACCESS_KEY_ID"], region_name="us-east-1",
                                               aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"])   # not boto3's cached default
         iam, sts = admin_session.client("iam", endpoint_url=url), admin_session.client("sts", endpoint_url=url)
-        names = aws.aws_names(config.project.name)
+        names = aws_names(config.project.name)
         relaxed = set()
-        for role, policy_name in ((names.sagemaker_role, aws.SAGEMAKER_POLICY_NAME), (names.ec2_role, aws.EC2_POLICY_NAME)):
+        for role, policy_name in ((names.sagemaker_role, SAGEMAKER_POLICY_NAME), (names.ec2_role, EC2_POLICY_NAME)):
             doc = iam.get_role_policy(RoleName=role, PolicyName=policy_name)["PolicyDocument"]
             doc = json.loads(doc) if isinstance(doc, str) else doc
             checkable, changed = moto_enforceable(doc)
@@ -102,7 +103,7 @@ def project(enforced_moto, tmp_path_factory):
         admin_arn = sts.get_caller_identity()["Arn"]
         for role, service in ((names.sagemaker_role, "sagemaker.amazonaws.com"), (names.ec2_role, "ec2.amazonaws.com")):
             trust = iam.get_role(RoleName=role)["Role"]["AssumeRolePolicyDocument"]
-            assert aws.trusts_service(json.loads(trust) if isinstance(trust, str) else trust, service)
+            assert trusts_service(json.loads(trust) if isinstance(trust, str) else trust, service)
             iam.update_assume_role_policy(RoleName=role, PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
                 {"Effect": "Allow", "Principal": {"AWS": admin_arn}, "Action": "sts:AssumeRole"}]}))
         creds = {}
