@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 from .core import package_version
 from .storage import Store, StoreError, open_store, DATA_REPORT_KEY, SPLITS
-from .significance import (ALPHA, DEFAULT_N_BOOTSTRAP, DEFAULT_SEED, scores_from_confusion, bootstrap_scores,
-                                percentile_interval, paired_bootstrap, mcnemar_test, holm_adjust)
-from .comparison_figures import (figure_png, png_size, row_label, plot_model_comparison, plot_per_class_f1,
-                                      plot_training_curves, plot_confusions, plot_cost_vs_accuracy)
+from .significance import (
+    ALPHA, DEFAULT_N_BOOTSTRAP, DEFAULT_SEED, scores_from_confusion, bootstrap_scores, percentile_interval,
+    paired_bootstrap, mcnemar_test, holm_adjust)
+from nlpmt.comparison_figures import (
+    figure_png, png_size, row_label, plot_model_comparison, plot_per_class_f1, plot_training_curves, plot_confusions,
+    plot_cost_vs_accuracy)
 
 # %% auto #0
 __all__ = ['METRICS_KEY_RE', 'SUMMARY_KEY', 'REPORT_KEY', 'FIGURES_PREFIX', 'FIGURE_NAMES', 'figure_key', 'ReportError',
