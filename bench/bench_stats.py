@@ -1,12 +1,12 @@
 """The report's statistics against `scipy.stats`, in one run: does the library do it as fast as our code?
 
 1. Bootstrap: 95% percentile interval of macro-F1 from B resamples of n test examples (default 10,000 x 10,000,
-   4 classes), for one model and for the paired difference of two models. Ours: `nlpmt.report.bootstrap_scores`
+   4 classes), for one model and for the paired difference of two models. Ours: `nlpmt.significance.bootstrap_scores`
    (one seeded index matrix, confusion matrices by `np.bincount`, accuracy and macro-F1 together, resamples shared
    by every model). scipy: `scipy.stats.bootstrap(..., paired=True, vectorized=True)` with the same vectorised
    macro-F1 statistic, `method="percentile"` (what we report) and its default `"BCa"`.
 2. McNemar's exact test: the hand-written binomial tail summed in exact integers with `math.comb` (what
-   `nlpmt.report.mcnemar_test` used before; kept here as `exact_tail_by_hand`) against `scipy.stats.binomtest`
+   `nlpmt.significance.mcnemar_test` used before; kept here as `exact_tail_by_hand`) against `scipy.stats.binomtest`
    (what it uses now) on the same discordant counts.
 
 Prints seconds, the ratio scipy / ours (above 1: scipy is slower) and how far the intervals and p-values agree.
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--no-bca", action="store_true", help="skip scipy's BCa run (its jackknife is slow)")
     args = ap.parse_args()
     from scipy import stats
-    from nlpmt.report import bootstrap_scores, percentile_interval, paired_bootstrap
+    from nlpmt.significance import bootstrap_scores, percentile_interval, paired_bootstrap
     n, B, k = args.n, args.resamples, args.classes
     rng = np.random.default_rng(0)
     y = rng.integers(0, k, n)

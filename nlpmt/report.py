@@ -9,24 +9,26 @@ Docs: https://nlpmt.github.io/nlpmt/report.html.md"""
 
 # %% ../nbs/05_report.ipynb #c005
 from __future__ import annotations
-import io, json, math, re, struct, sys
+import json, re, sys
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 import numpy as np
 import pandas as pd
-from .core import package_version, utc_now
+from .core import package_version
 from .storage import Store, StoreError, open_store, DATA_REPORT_KEY, SPLITS
+from .significance import (
+    ALPHA, DEFAULT_N_BOOTSTRAP, DEFAULT_SEED, scores_from_confusion, bootstrap_scores, percentile_interval,
+    paired_bootstrap, mcnemar_test, holm_adjust)
+from nlpmt.comparison_figures import (
+    figure_png, png_size, row_label, plot_model_comparison, plot_per_class_f1, plot_training_curves, plot_confusions,
+    plot_cost_vs_accuracy)
 
 # %% auto #0
-__all__ = ['METRICS_KEY_RE', 'SUMMARY_KEY', 'REPORT_KEY', 'FIGURES_PREFIX', 'FIGURE_NAMES', 'FIGURE_DPI', 'ALPHA',
-           'DEFAULT_N_BOOTSTRAP', 'DEFAULT_SEED', 'ReportError', 'MixedDataError', 'figure_key', 'Collected',
-           'scores_from_confusion', 'record_problems', 'collect_metrics', 'data_groups', 'check_same_data',
-           'bootstrap_indices', 'bootstrap_scores', 'percentile_interval', 'mcnemar_test', 'paired_bootstrap',
-           'holm_adjust', 'leaderboard', 'compare_to_best', 'model_colours', 'row_label', 'png_size', 'figure_png',
-           'plot_model_comparison', 'plot_per_class_f1', 'plot_training_curves', 'plot_confusions',
-           'plot_cost_vs_accuracy', 'per_class_f1', 'zero_f1_warnings', 'per_class_display', 'Report', 'markdown_table',
-           'leaderboard_display', 'comparisons_display', 'findings', 'render_markdown', 'make_report', 'format_summary',
-           'cmd_report', 'register_cli']
+__all__ = ['METRICS_KEY_RE', 'SUMMARY_KEY', 'REPORT_KEY', 'FIGURES_PREFIX', 'FIGURE_NAMES', 'figure_key', 'ReportError',
+           'MixedDataError', 'record_problems', 'Collected', 'collect_metrics', 'data_groups', 'check_same_data',
+           'leaderboard', 'compare_to_best', 'per_class_f1', 'zero_f1_warnings', 'per_class_display', 'Report',
+           'markdown_table', 'leaderboard_display', 'comparisons_display', 'findings', 'render_markdown', 'make_report',
+           'format_summary', 'cmd_report', 'register_cli']
 
 # %% ../nbs/05_report.ipynb #c007
 METRICS_KEY_RE = re.compile(r"^results/([^/]+)/([^/]+)_metrics\.json$")
@@ -34,36 +36,19 @@ SUMMARY_KEY = "results/summary.csv"
 REPORT_KEY = "results/report.md"
 FIGURES_PREFIX = "figures/results"
 FIGURE_NAMES = ("model_comparison", "per_class_f1", "training_curves", "confusion_matrices", "cost_vs_accuracy")
-FIGURE_DPI = 100
-ALPHA = 0.05
-DEFAULT_N_BOOTSTRAP = 1000
-DEFAULT_SEED = 0
 
+def figure_key(name: str) -> str:
+    "Store key of one of the report's figures."
+    return f"{FIGURES_PREFIX}/{name}.png"
+
+# %% ../nbs/05_report.ipynb #c007e
 class ReportError(ValueError):
     "The store holds nothing the report can rank, or results that must not be ranked together."
 
 class MixedDataError(ReportError):
     "Metrics files were computed on different data splits (their split hashes differ)."
 
-def figure_key(name: str) -> str:
-    "Store key of one of the report's figures."
-    return f"{FIGURES_PREFIX}/{name}.png"
-
 # %% ../nbs/05_report.ipynb #c009
-@dataclass
-class Collected:
-    "Metrics records that passed the checks (key -> record) and files that were skipped (key -> problems)."
-    records: dict[str, dict] = field(default_factory=dict)
-    skipped: dict[str, list[str]] = field(default_factory=dict)
-
-def scores_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
-    "Accuracy and macro-F1 of confusion matrices (`[..., K, K]`, rows true), F1 = 0 for a class never seen or predicted."
-    cm = np.asarray(cm, dtype=float)
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    denom = cm.sum(-1) + cm.sum(-2)                  # 2tp + fp + fn
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"accuracy": tp.sum(-1) / cm.sum((-2, -1)), "macro_f1": f1.mean(-1)}
-
 def record_problems(rec, key: str) -> list[str]:
     "Why a metrics file cannot be ranked (empty: it can): schema problems plus the report's own checks."
     from nlpmt.metrics import validate_metrics_record
@@ -83,6 +68,13 @@ def record_problems(rec, key: str) -> list[str]:
         if abs(float(got[name]) - rec["test"][name]) > 1e-6:
             problems.append(f"test.{name} is {rec['test'][name]:.6f} but the stored test predictions give {float(got[name]):.6f}")
     return problems
+
+# %% ../nbs/05_report.ipynb #c009c
+@dataclass
+class Collected:
+    "Metrics records that passed the checks (key -> record) and files that were skipped (key -> problems)."
+    records: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
 def collect_metrics(store: Store) -> Collected:
     "Read and check every `results/*/*_metrics.json` in `store`; bad files are skipped with their reasons."
@@ -106,6 +98,7 @@ def data_groups(records: dict[str, dict]) -> dict[tuple, list[str]]:
         groups.setdefault(tuple(h[s] for s in SPLITS), []).append(key)
     return groups
 
+# %% ../nbs/05_report.ipynb #c013c
 def check_same_data(records: dict[str, dict], allow_mixed_data: bool = False, current: Optional[dict] = None) -> list[str]:
     "Raise `MixedDataError` naming the files when records come from different splits (notes instead if allowed)."
     label_sets = {tuple(r["labels"]) for r in records.values()}
@@ -130,69 +123,6 @@ def check_same_data(records: dict[str, dict], allow_mixed_data: bool = False, cu
                              "\nRerun the stale stages on the current data, or pass allow_mixed_data=True "
                              "(--allow-mixed-data) to rank them anyway.")
     return [f"results come from {len(groups)} different data splits (allow_mixed_data): " + "; ".join(lines)]
-
-# %% ../nbs/05_report.ipynb #c016
-def bootstrap_indices(n: int, n_bootstrap: int, seed: int, chunk_elements: int = 2_000_000) -> Iterator[np.ndarray]:
-    "Row blocks of a seeded `(n_bootstrap, n)` matrix of resampled example indices (the same for the same arguments)."
-    rng = np.random.default_rng(seed)
-    step = max(1, chunk_elements // max(n, 1))
-    for start in range(0, n_bootstrap, step):
-        yield rng.integers(0, n, size=(min(step, n_bootstrap - start), n))
-
-def _resampled_confusions(codes: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
-    "Confusion matrices (`[B, K, K]`) of the resamples `idx` of examples with cell codes `true * K + pred`."
-    b = idx.shape[0]
-    flat = codes[idx] + (np.arange(b) * k * k)[:, None]
-    return np.bincount(flat.ravel(), minlength=b * k * k).reshape(b, k, k)
-
-def bootstrap_scores(y_true, preds: dict[str, Sequence[int]], n_classes: int, n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
-                     seed: int = DEFAULT_SEED) -> dict[str, dict[str, np.ndarray]]:
-    "Accuracy and macro-F1 of each model's predictions on the same `n_bootstrap` resamples of the test examples."
-    y_true = np.asarray(y_true, dtype=int)
-    codes = {name: y_true * n_classes + np.asarray(p, dtype=int) for name, p in preds.items()}
-    out = {name: {"accuracy": [], "macro_f1": []} for name in preds}
-    for idx in bootstrap_indices(len(y_true), n_bootstrap, seed):
-        for name, c in codes.items():
-            for metric, values in scores_from_confusion(_resampled_confusions(c, idx, n_classes)).items():
-                out[name][metric].append(values)
-    return {name: {m: np.concatenate(v) for m, v in d.items()} for name, d in out.items()}
-
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    "The central `level` percentile interval of bootstrap values."
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(values, [tail, 100 - tail])
-    return float(lo), float(hi)
-
-# %% ../nbs/05_report.ipynb #c020
-def mcnemar_test(y_true, pred_a, pred_b) -> dict:
-    "McNemar's test on which examples models a and b get right: counts b, c, exact and chi-squared p-values (scipy)."
-    from scipy.stats import binomtest, chi2 as chi2_dist
-    y_true = np.asarray(y_true); ra, rb = np.asarray(pred_a) == y_true, np.asarray(pred_b) == y_true
-    b, c = int(np.sum(ra & ~rb)), int(np.sum(~ra & rb))
-    n = b + c
-    p_exact = float(binomtest(min(b, c), n, 0.5).pvalue) if n else 1.0   # two-sided binomial test of the discordant pairs
-    chi2 = (abs(b - c) - 1) ** 2 / n if n else 0.0                       # with continuity correction
-    p_chi2 = float(chi2_dist.sf(chi2, 1)) if n else 1.0
-    return {"a_only_right": b, "b_only_right": c, "p_exact": p_exact, "chi2": chi2, "p_chi2": p_chi2}
-
-# %% ../nbs/05_report.ipynb #c022a
-def paired_bootstrap(scores_a: np.ndarray, scores_b: np.ndarray, observed: float, level: float = 0.95) -> dict:
-    "Difference a - b on shared bootstrap resamples: observed value, percentile interval, two-sided p-value."
-    d = np.asarray(scores_a) - np.asarray(scores_b)
-    lo, hi = percentile_interval(d, level)
-    n = len(d)
-    p = min(1.0, 2 * min((np.sum(d <= 0) + 1) / (n + 1), (np.sum(d >= 0) + 1) / (n + 1)))
-    return {"diff": float(observed), "lo": lo, "hi": hi, "p": float(p)}
-
-# %% ../nbs/05_report.ipynb #c022d
-def holm_adjust(pvalues: Sequence[float]) -> list[float]:
-    "Holm-Bonferroni adjusted p-values (same order as given)."
-    p = np.asarray(pvalues, dtype=float)
-    adjusted, running = np.empty_like(p), 0.0
-    for rank, i in enumerate(np.argsort(p, kind="stable")):
-        running = max(running, min(1.0, (len(p) - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted.tolist()
 
 # %% ../nbs/05_report.ipynb #c024
 def _cost(rec: dict, field_name: str):
@@ -263,148 +193,6 @@ def compare_to_best(records: dict[str, dict], board: pd.DataFrame, boot: dict[st
                               zip(df["test_accuracy_diff"].astype(float), df["p_mcnemar_holm"].astype(float))]
     return df
 
-# %% ../nbs/05_report.ipynb #c030
-def model_colours(board: pd.DataFrame) -> dict[str, tuple]:
-    "One tab10/tab20 colour per leaderboard row (keyed by metrics key), in rank order."
-    from matplotlib import colormaps
-    cmap = colormaps["tab10" if len(board) <= 10 else "tab20"]
-    return {key: cmap(i % cmap.N) for i, key in enumerate(board["key"])}
-
-def row_label(row) -> str:
-    "`model (stage)` for a leaderboard row."
-    return f"{row['model']} ({row['stage']})"
-
-def png_size(data: bytes) -> tuple[int, int]:
-    "Width and height in pixels from a PNG's IHDR header (ValueError if `data` is not a PNG)."
-    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-        raise ValueError("not a PNG file")
-    return struct.unpack(">II", data[16:24])
-
-def figure_png(fig, dpi: int = FIGURE_DPI) -> bytes:
-    "A figure rendered to PNG bytes at exactly its size in inches times `dpi`."
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-# %% ../nbs/05_report.ipynb #c031
-def plot_model_comparison(board: pd.DataFrame):
-    "Test accuracy and macro-F1 of every model with 95% bootstrap intervals, selected model on top."
-    from matplotlib.figure import Figure
-    n = len(board)
-    fig = Figure(figsize=(10, max(2.5, 1.2 + 0.45 * n)), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    colours, ys = model_colours(board), np.arange(n)[::-1]
-    for ax, metric, title in zip(axes, ("test_accuracy", "test_macro_f1"), ("test accuracy", "test macro-F1")):
-        for y, (_, row) in zip(ys, board.iterrows()):
-            err = [[row[metric] - row[metric + "_lo"]], [row[metric + "_hi"] - row[metric]]]
-            ax.errorbar(row[metric], y, xerr=err, fmt="o", color=colours[row["key"]], capsize=4, ms=7, lw=2)
-            ax.annotate(f"{row[metric]:.3f}", (row[metric], y), xytext=(0, 7), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=9)
-        lo, hi = board[metric + "_lo"].min(), board[metric + "_hi"].max()
-        pad = max(0.02, (hi - lo) * 0.15)
-        ax.set_xlim(max(0.0, lo - pad), min(1.0, hi + pad))
-        ax.set_title(f"{title} (95% bootstrap interval)", fontsize=11)
-        ax.grid(axis="x", alpha=0.3)
-    labels = [row_label(r) + ("  [selected]" if i == 0 else "") for i, (_, r) in enumerate(board.iterrows())]
-    axes[0].set_yticks(ys, labels=labels)
-    axes[0].set_ylim(-0.7, n - 0.3)
-    fig.suptitle("Models ranked by validation macro-F1 (selected model on top)", fontsize=12)
-    return fig
-
-def plot_per_class_f1(records: dict[str, dict], board: pd.DataFrame):
-    "Heat map of test F1 per class (columns) and model (rows, leaderboard order), values in the cells, F1 0 outlined."
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-    labels = records[board["key"].iloc[0]]["labels"]
-    f1 = np.array([[records[k]["test"]["per_class"][c]["f1"] for c in labels] for k in board["key"]])
-    n, k = f1.shape
-    fig = Figure(figsize=(max(6.0, 3.0 + 1.2 * k), max(2.5, 1.4 + 0.5 * n)), layout="constrained")
-    ax = fig.add_subplot()
-    vmin = max(0.0, math.floor((f1.min() - 0.05) * 10) / 10)    # stretch the colours over the range that occurs
-    im = ax.imshow(f1, cmap="RdYlGn", vmin=vmin, vmax=1, aspect="auto")
-    for i in range(n):
-        for j in range(k):
-            failed = f1[i, j] == 0          # a class the model never gets right: outlined and labelled
-            ax.text(j, i, "0.00\nF1 0!" if failed else f"{f1[i, j]:.2f}", ha="center", va="center", fontsize=10,
-                    color="white" if failed else "black", fontweight="bold" if failed else "normal")
-            if failed: ax.add_patch(Rectangle((j - 0.47, i - 0.45), 0.94, 0.9, fill=False, ec="black", lw=2.5))
-    ax.set_xticks(range(k), labels=labels, rotation=30 if max(map(len, labels)) > 8 else 0)
-    ax.set_yticks(range(n), labels=[row_label(r) for _, r in board.iterrows()])
-    ax.set_title("Test F1 per class", fontsize=12)
-    fig.colorbar(im, ax=ax, label="F1")
-    return fig
-
-def plot_training_curves(records: dict[str, dict], board: pd.DataFrame):
-    "Train/validation loss and validation macro-F1 against step for every model with a history (None if none has)."
-    from matplotlib.figure import Figure
-    keys = [k for k in board["key"] if records[k]["history"]]
-    if not keys: return None
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    ax_loss, ax_f1 = fig.subplots(1, 2)
-    colours = model_colours(board)
-    for key in keys:
-        rec, c = records[key], colours[key]
-        h = pd.DataFrame(rec["history"]).sort_values("step")
-        name = f"{rec['model']} ({rec['stage']})"
-        for col, style, what in [("train_loss", "-", "train"), ("val_loss", "--", "val")]:
-            part = h[h[col].notna()] if col in h else h.iloc[:0]
-            if len(part): ax_loss.plot(part["step"], part[col], style, color=c, marker="o" if what == "val" else None,
-                                       ms=4, label=f"{name} {what}")
-        part = h[h["val_macro_f1"].notna()]
-        if len(part): ax_f1.plot(part["step"], part["val_macro_f1"], "-o", color=c, ms=4, label=name)
-    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Loss (solid: train, dashed: validation)")
-    ax_f1.set(xlabel="optimizer step", ylabel="validation macro-F1", title="Validation macro-F1")
-    for ax in (ax_loss, ax_f1): ax.grid(alpha=0.3); ax.legend(fontsize=8)
-    return fig
-
-def plot_confusions(records: dict[str, dict], board: pd.DataFrame, max_cols: int = 3):
-    "Test confusion matrices side by side (leaderboard order): colour = share of the true class, counts in cells."
-    from matplotlib.figure import Figure
-    keys = list(board["key"])
-    labels = records[keys[0]]["labels"]
-    k, ncols = len(labels), min(max_cols, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    side = max(3.8, 1.6 + 0.75 * k)
-    fig = Figure(figsize=(side * ncols + 0.8, side * nrows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    im = None
-    for ax, key in zip(axes, keys):
-        rec = records[key]
-        cm = np.asarray(rec["test"]["confusion_matrix"], dtype=float)
-        rows = cm.sum(1, keepdims=True)
-        share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-        im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")   # fixed aspect clips titles in constrained layout
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=9,
-                        color="white" if share[i, j] > 0.5 else "black")
-        ax.set_xticks(range(k), labels=labels, rotation=45, ha="right")
-        ax.set_yticks(range(k), labels=labels)
-        ax.set_xlabel("predicted"); ax.set_ylabel("true")
-        ax.set_title(f"{rec['model']} ({rec['stage']})\naccuracy {rec['test']['accuracy']:.3f}", fontsize=10)
-    for ax in axes[len(keys):]: ax.set_axis_off()
-    fig.colorbar(im, ax=list(axes), label="share of the true class", shrink=0.8)
-    return fig
-
-def plot_cost_vs_accuracy(board: pd.DataFrame):
-    "Test accuracy (with interval) against recorded job cost in USD (None when no model has a cost)."
-    from matplotlib.figure import Figure
-    rows = board[pd.to_numeric(board["cost_usd"], errors="coerce").notna()]
-    if rows.empty: return None
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    colours = model_colours(board)
-    for _, r in rows.iterrows():
-        err = [[r["test_accuracy"] - r["test_accuracy_lo"]], [r["test_accuracy_hi"] - r["test_accuracy"]]]
-        ax.errorbar(float(r["cost_usd"]), r["test_accuracy"], yerr=err, fmt="o", color=colours[r["key"]], capsize=4, ms=8)
-        ax.annotate(f"{r['model']}\n{r['instance_type'] or ''} ${float(r['cost_usd']):.2f}",
-                    (float(r["cost_usd"]), r["test_accuracy"]), xytext=(8, 0), textcoords="offset points",
-                    va="center", fontsize=9)
-    ax.set_xlim(0, max(float(rows["cost_usd"].astype(float).max()), 1e-3) * 1.5)   # room for the labels
-    ax.set(xlabel="job cost (USD)", ylabel="test accuracy", title="Cost vs test accuracy (models with a recorded cost)")
-    ax.grid(alpha=0.3)
-    return fig
-
 # %% ../nbs/05_report.ipynb #r002
 def per_class_f1(records: dict[str, dict], board: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     "F1 on `split` per model (rows, leaderboard order, `model (stage)`) and class (columns, label order)."
@@ -412,6 +200,7 @@ def per_class_f1(records: dict[str, dict], board: pd.DataFrame, split: str = "te
     return pd.DataFrame([[records[k][split]["per_class"][c]["f1"] for c in labels] for k in board["key"]],
                         index=[row_label(r) for _, r in board.iterrows()], columns=labels)
 
+# %% ../nbs/05_report.ipynb #r002w
 def zero_f1_warnings(records: dict[str, dict], board: pd.DataFrame) -> list[str]:
     "One warning per model and split where a class with rows has F1 0 (the model never gets it right)."
     out = []
@@ -425,6 +214,7 @@ def zero_f1_warnings(records: dict[str, dict], board: pd.DataFrame) -> list[str]
                                 "macro-F1 hide it. Try class_weight: balanced, more rows of the class, or check its labels.")
     return out
 
+# %% ../nbs/05_report.ipynb #r002d
 def per_class_display(records: dict[str, dict], board: pd.DataFrame) -> pd.DataFrame:
     "Test F1 per class as strings (F1 0 flagged), with each model's lowest validation F1."
     test, val = per_class_f1(records, board, "test"), per_class_f1(records, board, "validation")
@@ -455,6 +245,7 @@ class Report:
         "The leaderboard row of the model selected on validation macro-F1."
         return self.leaderboard.iloc[0]
 
+# %% ../nbs/05_report.ipynb #c034a
 def _fmt(x, digits: int = 3) -> str:
     "A number for a table cell ('-' when missing)."
     if x is None or (isinstance(x, float) and not np.isfinite(x)): return "-"
@@ -471,6 +262,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
+# %% ../nbs/05_report.ipynb #c034c
 def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
     "The leaderboard as readable strings: scores with intervals, speed and cost."
     ci = lambda r, m: f"{r[m]:.3f} [{r[m + '_lo']:.3f}, {r[m + '_hi']:.3f}]"
@@ -485,6 +277,7 @@ def leaderboard_display(board: pd.DataFrame) -> pd.DataFrame:
     if board["data_hash"].nunique() > 1: out["data"] = board["data_hash"]
     return out
 
+# %% ../nbs/05_report.ipynb #c034e
 def comparisons_display(cmp: pd.DataFrame) -> pd.DataFrame:
     "The paired tests as readable strings."
     diff = lambda r: ("-" if not np.isfinite(r["p_bootstrap"]) else
@@ -523,6 +316,7 @@ def findings(report: Report) -> list[str]:
                         "look (more validation data, or a less noisy selection metric).")
     return out
 
+# %% ../nbs/05_report.ipynb #c035r
 def render_markdown(report: Report, n_files: int) -> str:
     "The text of `results/report.md`."
     best = report.selected
@@ -627,6 +421,7 @@ def format_summary(report: Report) -> str:
     lines += [f"wrote {store.url(k)}" for k in report.written]
     return "\n".join(lines)
 
+# %% ../nbs/05_report.ipynb #c039c
 def cmd_report(args) -> int:
     "Handler of `nlpmt report`."
     from nlpmt.cli import config_from_args

@@ -14,8 +14,10 @@ from typing import Optional
 import pandas as pd
 from .storage import Store, open_store
 from .sweep import list_sweeps, trial_records
-from .report import (markdown_table, bootstrap_scores, percentile_interval, paired_bootstrap, holm_adjust, figure_png,
-                          DEFAULT_N_BOOTSTRAP, DEFAULT_SEED, ALPHA)
+from .report import markdown_table
+from .significance import (bootstrap_scores, percentile_interval, paired_bootstrap, holm_adjust,
+                                DEFAULT_N_BOOTSTRAP, DEFAULT_SEED, ALPHA)
+from .comparison_figures import figure_png
 
 # %% auto #0
 __all__ = ['trials_frame', 'plot_objective', 'SweepSummary', 'chosen_record', 'versus_baselines', 'summarize_sweep',

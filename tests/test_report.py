@@ -11,7 +11,7 @@ from nlpmt.cli import main
 from nlpmt.core import load_config
 from nlpmt.metrics import metrics_record, write_metrics, metrics_key
 from nlpmt.storage import LocalStore, S3Store, sync, sync_down, temp_store, read_data_report, read_split
-from nlpmt import report as R
+from nlpmt import report as R, significance as S
 
 
 def _run_real_baselines(store):
@@ -58,7 +58,7 @@ def _made_record(store, model, test_pred_fn, val_pred_fn=None, data_report=None,
 
 
 def _png_size(data: bytes):
-    "Width and height from a PNG header, read directly (independent of nlpmt.report.png_size)."
+    "Width and height from a PNG header, read directly (independent of nlpmt.comparison_figures.png_size)."
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
@@ -218,12 +218,12 @@ def test_mcnemar_agrees_with_direct_computation():
     y = np.zeros(60, dtype=int)
     a = np.r_[np.zeros(40), np.zeros(9), np.ones(2), np.ones(9)].astype(int)
     b = np.r_[np.zeros(40), np.ones(9), np.zeros(2), np.ones(9)].astype(int)
-    got = R.mcnemar_test(y, a, b)
+    got = S.mcnemar_test(y, a, b)
     assert (got["a_only_right"], got["b_only_right"]) == (9, 2)
     assert got["p_exact"] == pytest.approx(binomtest(2, 11, 0.5).pvalue, rel=1e-12)
     assert got["p_chi2"] == pytest.approx(chi2_dist.sf((9 - 2 - 1) ** 2 / 11, 1), rel=1e-12)
-    assert R.mcnemar_test(y, a, a)["p_exact"] == 1.0
-    big = R.mcnemar_test(np.zeros(3000, int), np.r_[np.zeros(1700), np.ones(1300)].astype(int),
+    assert S.mcnemar_test(y, a, a)["p_exact"] == 1.0
+    big = S.mcnemar_test(np.zeros(3000, int), np.r_[np.zeros(1700), np.ones(1300)].astype(int),
                          np.r_[np.ones(1400), np.zeros(300), np.ones(1300)].astype(int))   # b=1400, c=300
     assert big["p_exact"] == pytest.approx(binomtest(300, 1700, 0.5).pvalue, rel=1e-9)
 
@@ -233,17 +233,17 @@ def test_bootstrap_agrees_with_direct_computation():
     y = rng.integers(0, 3, 300)
     pa = np.where(rng.random(300) < 0.8, y, rng.integers(0, 3, 300))
     pb = np.where(rng.random(300) < 0.6, y, rng.integers(0, 3, 300))
-    boot = R.bootstrap_scores(y, {"a": pa, "b": pb}, 3, n_bootstrap=120, seed=5)
-    idx = np.concatenate(list(R.bootstrap_indices(300, 120, 5)))
+    boot = S.bootstrap_scores(y, {"a": pa, "b": pb}, 3, n_bootstrap=120, seed=5)
+    idx = np.concatenate(list(S.bootstrap_indices(300, 120, 5)))
     direct = np.array([f1_score(y[i], pa[i], labels=range(3), average="macro", zero_division=0) for i in idx])
     np.testing.assert_allclose(boot["a"]["macro_f1"], direct, atol=1e-12)
     np.testing.assert_allclose(boot["b"]["accuracy"], [accuracy_score(y[i], pb[i]) for i in idx], atol=1e-12)
     # the same seed gives the same resamples, so the paired difference is computed on shared examples
-    again = R.bootstrap_scores(y, {"a": pa}, 3, n_bootstrap=120, seed=5)
+    again = S.bootstrap_scores(y, {"a": pa}, 3, n_bootstrap=120, seed=5)
     np.testing.assert_array_equal(again["a"]["macro_f1"], boot["a"]["macro_f1"])
-    d = R.paired_bootstrap(boot["a"]["macro_f1"], boot["b"]["macro_f1"], 0.1)
+    d = S.paired_bootstrap(boot["a"]["macro_f1"], boot["b"]["macro_f1"], 0.1)
     assert d["lo"] > 0 and d["p"] == pytest.approx(2 / 121)       # a beats b on every resample
-    assert R.holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert S.holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
 def test_cli_report(store, capsys):
