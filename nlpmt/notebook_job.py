@@ -16,8 +16,8 @@ from typing import Optional
 
 # %% auto #0
 __all__ = ['JOB_DIRECTIVE', 'EXPORT_DIRECTIVES', 'JOB_TAGS', 'SKIP_TAG', 'SAVE_EVERY', 'cell_source', 'cell_directives',
-           'is_job_notebook', 'runs_in_job', 'job_note', 'select_job_cells', 'describe_cell', 'NotebookKernel',
-           'NotebookResult', 'NotebookJob']
+           'is_job_notebook', 'runs_in_job', 'job_note', 'select_job_cells', 'describe_cell', 'run_failure',
+           'NotebookKernel', 'NotebookResult', 'NotebookJob']
 
 # %% ../nbs/06d_notebook_job.ipynb #n007
 JOB_DIRECTIVE = "job"                                 # `#| job`: a cell of the stage's job
@@ -123,6 +123,19 @@ def _failed_cell(nb) -> Optional[int]:
     for i, cell in enumerate(nb.cells):
         if cell.get("metadata", {}).get("papermill", {}).get("exception") and cell.cell_type == "code": return i
     return _last_started_cell(nb)
+
+def run_failure(saved, error: Exception, terminated: bool) -> tuple[str, str]:
+    "Status and failure message of a run that raised (`Stopped` if the job was told to stop, else `Failed`), naming the cell."
+    from papermill.exceptions import PapermillExecutionError
+    if isinstance(error, PapermillExecutionError):       # a cell raised
+        idx = _failed_cell(saved) if saved is not None else None
+        where = describe_cell(saved, idx) if idx is not None else f"cell {error.exec_count}"
+        failure = f"{where}: {error.ename}: {error.evalue}".strip()
+    else:                                                # the kernel died (killed, out of memory) or could not start
+        idx = _last_started_cell(saved) if saved is not None else None
+        where = describe_cell(saved, idx) if idx is not None else "before the first cell"
+        failure = f"{where}: {type(error).__name__}: {str(error).strip() or 'kernel stopped'}"
+    return ("Stopped", "stopped by SIGTERM in " + failure) if terminated else ("Failed", failure)
 
 # %% ../nbs/06d_notebook_job.ipynb #n020
 def _skip_slow_imports() -> None:
@@ -244,7 +257,6 @@ class NotebookJob(NotebookKernel):
         "Execute the notebook on the started kernel."
         _skip_slow_imports()
         import papermill as pm
-        from papermill.exceptions import PapermillExecutionError
         nb = self.prepare()
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         _log_cell_markers(self.stderr, _code_cell_labels(nb))
@@ -256,19 +268,8 @@ class NotebookJob(NotebookKernel):
                                 engine_name=_papermill_engine(), km=self.km,
                                 progress_bar=False, log_output=True, stdout_file=self.stdout, stderr_file=self.stderr,
                                 request_save_on_cell_execute=True, autosave_cell_every=10)
-        except PapermillExecutionError as e:
-            saved = self._saved()
-            idx = _failed_cell(saved) if saved is not None else None
-            where = describe_cell(saved, idx) if idx is not None else f"cell {e.exec_count}"
-            status = "Stopped" if self.terminated else "Failed"
-            failure = f"{where}: {e.ename}: {e.evalue}".strip()
-        except Exception as e:  # the kernel died (killed, out of memory) or could not start
-            saved = self._saved()
-            idx = _last_started_cell(saved) if saved is not None else None
-            where = describe_cell(saved, idx) if idx is not None else "before the first cell"
-            status = "Stopped" if self.terminated else "Failed"
-            failure = f"{where}: {type(e).__name__}: {str(e).strip() or 'kernel stopped'}"
-        if status == "Stopped": failure = "stopped by SIGTERM in " + failure
+        except Exception as e:   # a cell raised, or the kernel died (killed, out of memory) or could not start
+            status, failure = run_failure(self._saved(), e, self.terminated)
         return NotebookResult(status, failure, time.time() - start, self.output_path if self.output_path.exists() else None)
 
     def _saved(self):
