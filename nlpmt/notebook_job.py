@@ -54,8 +54,8 @@ def job_note(ran: int, skipped: int):
     import nbformat
     return nbformat.v4.new_markdown_cell(
         f"**Run as an nlpmt job:** {ran} of {ran + skipped} code cells ran: the `#| export` cells, the parameters "
-        f"and the cells marked `#| job`. The other {skipped} are the notebook's examples and tests (`nbdev-test` "
-        f"runs them); here they are tagged `{SKIP_TAG}` and have no output.")
+        f"and the cells marked `#| job`. The other {skipped} (the notebook's examples and tests, which `nbdev-test` "
+        f"runs, and nbdev's setup cells) were skipped: they are tagged `{SKIP_TAG}` and have no output.")
 
 def select_job_cells(nb) -> int:
     "Tag the code cells a job does not run `skip-execution` and open the notebook with a note; how many were tagged."
