@@ -17,10 +17,11 @@ from .supervise import watch_parent_from_env, stop_grace, finish_unsupervised_jo
 from .stages import stage_names, stage_spec
 
 # %% auto #0
-__all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITIONS', 'SAVE_EVERY', 'JobFolders', 'notebooks_dir',
+__all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITIONS', 'JobFolders', 'notebooks_dir',
            'stage_notebook', 'stage_name', 'metric_line', 'log_metrics', 'JobTerminated', 'termination_requested',
-           'on_termination', 'describe_cell', 'NotebookResult', 'NotebookJob', 'new_run_id', 'notebook_key',
-           'job_name_from_env', 'read_hyperparameters', 'write_failure', 'run_job', 'parse_args', 'main']
+           'on_termination', 'new_run_id', 'notebook_key', 'job_name_from_env', 'read_hyperparameters', 'write_failure',
+           'job_parameters', 'stop_on_signals', 'run_record', 'save_run', 'job_outcome', 'run_job', 'parse_args',
+           'main']
 
 # %% ../nbs/06a_runner.ipynb #c004b
 # The parameters cell reader and the value checks moved to nlpmt.settings (nbs/00c_settings.ipynb); they are
@@ -152,195 +153,8 @@ def on_termination(callback: Optional[Callable[[], Any]] = None, stop: bool = Tr
     signal.signal(signal.SIGTERM, handler)
 
 # %% ../nbs/06a_runner.ipynb #c025
-class _CellMarkers(logging.Filter):
-    "Turn papermill's 'Executing Cell N---' lines into 'code cell K/M' (numbered as failures name them); drop the rest."
-    labels: dict = {}
-    def filter(self, record):
-        m = re.match(r"Executing Cell (\d+)", record.getMessage())
-        if not m or int(m.group(1)) not in self.labels: return False
-        record.msg, record.args = self.labels[int(m.group(1))], ()
-        return True
-
-def _code_cell_labels(nb) -> dict[int, str]:
-    "1-based cell number -> 'code cell K/M' for the code cells a person wrote (not papermill's injected cell)."
-    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
-    return {i + 1: f"code cell {k}/{len(code)}" for k, i in enumerate(code, 1)}
-
-def _log_cell_markers(stream, labels: dict) -> None:
-    "Route papermill's cell markers to `stream` (one handler, updated per notebook)."
-    log = logging.getLogger("papermill")
-    handler = next((h for h in log.handlers if getattr(h, "_nlpmt", False)), None)
-    if handler is None:
-        handler = logging.StreamHandler(stream); handler._nlpmt = True
-        handler.setFormatter(logging.Formatter("nlpmt-runner: %(message)s")); handler.addFilter(_CellMarkers())
-        log.addHandler(handler); log.setLevel(logging.INFO); log.propagate = False
-    handler.setStream(stream)
-    for f in handler.filters: f.labels = labels
-
-def _skip_slow_imports() -> None:
-    "Keep jsonschema (imported by nbformat) from building an RFC 3987 grammar we never use: ~2 s per job here."
-    # jsonschema imports `rfc3987_syntax` only to validate the "iri" string formats, and skips it when the import
-    # fails; notebook validation never uses those formats. Blocking it saves about two seconds of every job's start.
-    if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
-
-SAVE_EVERY = 3.0   # seconds between saves of the executed notebook while it runs (it is always saved at the end)
-
-def _papermill_engine() -> str:
-    "Register (once) the papermill engine that saves the running notebook at most every `SAVE_EVERY` seconds."
-    from papermill.engines import papermill_engines, NBClientEngine, NotebookExecutionManager
-    if "nlpmt" in papermill_engines._engines: return "nlpmt"
-    class ThrottledSaves(NotebookExecutionManager):
-        "papermill saves at the start and end of every cell (~17 ms each for a 60-cell notebook); a few seconds apart is enough."
-        final = False
-        def save(self, **kwargs):
-            if self.final or (self.now() - self.last_save_time).total_seconds() >= SAVE_EVERY: super().save(**kwargs)
-        def notebook_complete(self, **kwargs):
-            self.final = True
-            super().notebook_complete(**kwargs)
-    class Engine(NBClientEngine):
-        @classmethod
-        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False,
-                             autosave_cell_every=30, **kwargs):
-            nb_man = ThrottledSaves(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
-                                    autosave_cell_every=autosave_cell_every)
-            nb_man.notebook_start()
-            try: cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
-            finally:
-                nb_man.cleanup_pbar()
-                nb_man.notebook_complete()
-            return nb_man.nb
-    papermill_engines.register("nlpmt", Engine)
-    return "nlpmt"
-
-def _first_line(source: str, width: int = 70) -> str:
-    "The first non-empty line of a cell that is not a `#|` directive, shortened."
-    for line in (source or "").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#|"): return line if len(line) <= width else line[:width - 3] + "..."
-    return ""
-
-def describe_cell(nb, index: int) -> str:
-    "How a failure message names a cell: its position among code cells, its id and its first line."
-    cells = nb["cells"] if isinstance(nb, dict) else nb.cells
-    code = [i for i, c in enumerate(cells) if c.get("cell_type") == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
-    cell = cells[index]
-    pos = f"code cell {code.index(index) + 1}" if index in code else f"cell {index + 1}"
-    cid = f", id {cell.get('id')}" if cell.get("id") else ""
-    return f"{pos}{cid}: `{_first_line(cell.get('source', ''))}`"
-
-def _last_started_cell(nb) -> Optional[int]:
-    "Index of the last cell papermill started (the one running when the kernel died)."
-    last = None
-    for i, cell in enumerate(nb.cells):
-        if cell.get("metadata", {}).get("papermill", {}).get("start_time"): last = i
-    return last
-
-@dataclass
-class NotebookResult:
-    "What happened to one notebook run."
-    status: str                      # Completed | Failed | Stopped
-    failure: str = ""                # names the cell and the error
-    seconds: float = 0.0
-    output_path: Optional[Path] = None
-
-class NotebookJob:
-    "Run one notebook with papermill, keeping the kernel reachable for SIGTERM."
-    def __init__(self, notebook: Path, output_path: Path, parameters: dict, cwd: Optional[Path] = None,
-                 stdout=None, stderr=None):
-        self.notebook, self.output_path, self.parameters = Path(notebook), Path(output_path), parameters
-        self.cwd = Path(cwd) if cwd else self.notebook.parent
-        self.stdout, self.stderr = stdout or sys.stdout, stderr or sys.stderr
-        self.km, self.terminated = None, False
-
-    def prepare(self):
-        "The parameterised notebook, after checking that the injected cell holds exactly the values (no code)."
-        _skip_slow_imports()
-        from papermill.iorw import load_notebook_node
-        from papermill.parameterize import parameterize_notebook
-        nb = load_notebook_node(str(self.notebook))
-        nb = parameterize_notebook(nb, self.parameters, kernel_name=None, language="python")
-        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-        check_injected_cell(injected[0].source if injected else "", self.parameters if injected else {})
-        return nb
-
-    def kernel_pid(self) -> Optional[int]:
-        "Process id of the running kernel (None before it starts)."
-        prov = getattr(self.km, "provisioner", None)
-        return getattr(prov, "pid", None) or getattr(getattr(prov, "process", None), "pid", None)
-
-    def terminate(self) -> None:
-        "Forward SIGTERM to the kernel so the stage can checkpoint; a second call kills it."
-        pid = self.kernel_pid()
-        again, self.terminated = self.terminated, True
-        if pid:
-            try: os.kill(pid, signal.SIGKILL if again else signal.SIGTERM)
-            except ProcessLookupError: pass
-
-    def start_kernel(self) -> None:
-        "Start the notebook's kernel now, so it boots while papermill loads (about a second saved per job)."
-        if self.km is not None: return
-        from jupyter_client.manager import AsyncKernelManager
-        from jupyter_core.utils import run_sync
-        meta = json.loads(self.notebook.read_text(encoding="utf-8")).get("metadata", {})
-        self.km = AsyncKernelManager(kernel_name=meta.get("kernelspec", {}).get("name") or "python3")
-        run_sync(self.km.start_kernel)(cwd=str(self.cwd), extra_arguments=["--IPKernelApp.log_level=ERROR"])
-
-    def shutdown_kernel(self) -> None:
-        "Stop the kernel (it is ours: papermill only borrows it)."
-        from jupyter_core.utils import run_sync
-        if self.km is not None and self.km.has_kernel:
-            try: run_sync(self.km.shutdown_kernel)(now=True)
-            except Exception as e: print(f"nlpmt-runner: could not stop the kernel: {e}", file=self.stderr)
-
-    def run(self) -> NotebookResult:
-        "Execute the notebook; never raises for notebook errors (they become a Failed result)."
-        try:
-            self.start_kernel()
-            return self._run()
-        finally: self.shutdown_kernel()
-
-    def _run(self) -> NotebookResult:
-        "Execute the notebook on the started kernel."
-        _skip_slow_imports()
-        import papermill as pm
-        from papermill.exceptions import PapermillExecutionError
-        nb = self.prepare()
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        _log_cell_markers(self.stderr, _code_cell_labels(nb))
-        print(f"nlpmt-runner: running {self.notebook.name} ({len(nb.cells)} cells) in {self.cwd}", file=self.stderr, flush=True)
-        start, status, failure = time.time(), "Completed", ""
-        try:
-            pm.execute_notebook(nb, str(self.output_path), parameters=None, cwd=str(self.cwd), kernel_name=self.km.kernel_name,
-                                engine_name=_papermill_engine(), km=self.km,
-                                progress_bar=False, log_output=True, stdout_file=self.stdout, stderr_file=self.stderr,
-                                request_save_on_cell_execute=True, autosave_cell_every=10)
-        except PapermillExecutionError as e:
-            saved = self._saved()
-            idx = self._find_cell(saved, e) if saved is not None else None
-            where = describe_cell(saved, idx) if idx is not None else f"cell {e.exec_count}"
-            status = "Stopped" if self.terminated else "Failed"
-            failure = f"{where}: {e.ename}: {e.evalue}".strip()
-        except Exception as e:  # the kernel died (killed, out of memory) or could not start
-            saved = self._saved()
-            idx = _last_started_cell(saved) if saved is not None else None
-            where = describe_cell(saved, idx) if idx is not None else "before the first cell"
-            status = "Stopped" if self.terminated else "Failed"
-            failure = f"{where}: {type(e).__name__}: {str(e).strip() or 'kernel stopped'}"
-        if status == "Stopped": failure = "stopped by SIGTERM in " + failure
-        return NotebookResult(status, failure, time.time() - start, self.output_path if self.output_path.exists() else None)
-
-    def _saved(self):
-        "The executed notebook as saved so far (None if nothing was written)."
-        import nbformat
-        try: return nbformat.read(str(self.output_path), as_version=4)
-        except Exception: return None
-
-    @staticmethod
-    def _find_cell(nb, err) -> Optional[int]:
-        "Index of the failed cell in the saved notebook (papermill marks it with status 'failed')."
-        for i, cell in enumerate(nb.cells):
-            if cell.get("metadata", {}).get("papermill", {}).get("exception") and cell.cell_type == "code": return i
-        return _last_started_cell(nb)
+from .notebook_job import (NotebookJob, NotebookKernel, NotebookResult, describe_cell, select_job_cells,
+                                JOB_DIRECTIVE, SAVE_EVERY)
 
 # %% ../nbs/06a_runner.ipynb #c027
 def new_run_id() -> str:
@@ -376,6 +190,7 @@ def write_failure(folders: JobFolders, message: str) -> None:
             tmp = path.with_name(f".{path.name}.tmp"); tmp.write_text(text, encoding="utf-8"); os.replace(tmp, path)
         except OSError as e: print(f"nlpmt-runner: could not write {path}: {e}", file=sys.stderr)
 
+# %% ../nbs/06a_runner.ipynb #r004
 def _default_folders(env: Optional[dict] = None) -> JobFolders:
     "The job folders; outside a container (no /opt/ml, no NLPMT_OPT_ML) a temporary stand-in."
     folders = JobFolders.from_env(env)
@@ -391,30 +206,26 @@ def _kernel_pythonpath() -> None:
         parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if pkg_parent not in parts: os.environ["PYTHONPATH"] = os.pathsep.join([pkg_parent, *parts])
 
-def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = None, run_id: Optional[str] = None,
-            name: Optional[str] = None, folders: Optional[JobFolders] = None, out=None) -> int:
-    "Run one stage notebook as a job (the container contract); returns the exit code."
-    out = out or sys.stderr
-    folders = folders or _default_folders()
-    say = lambda msg: print(f"nlpmt-runner: {msg}", file=out, flush=True)
-    try:
-        notebook = stage_notebook(stage)
-        spec = notebook_parameters(notebook)
-        given = {**read_hyperparameters(folders), **(params or {})}
-        store = store or given.get("store") or ""
-        if not store: raise ParameterError("no store given: pass --store URI (a local folder or s3://bucket/prefix)")
-        if "store" in spec: given["store"] = store
-        else: given.pop("store", None)
-        for pname, folder in folders.folder_parameters().items():
-            if pname in spec and not given.get(pname):
-                folder.mkdir(parents=True, exist_ok=True); given[pname] = str(folder)
-        values = check_parameters(given, spec, notebook)
-    except ParameterError as e:
-        say(f"error: {e}"); write_failure(folders, f"nlpmt: bad parameters: {e}"); return 2
-    run_id = run_id or os.environ.get("NLPMT_RUN_ID") or job_name_from_env(folders=folders) or new_run_id()
-    name = name or stage_name(notebook)
-    key = notebook_key(run_id, name)
-    job = NotebookJob(notebook, folders.output_data/f"{name}.ipynb", values)
+# %% ../nbs/06a_runner.ipynb #r007
+def job_parameters(notebook: Path, store: Optional[str], params: Optional[dict], folders: JobFolders) -> tuple[dict, str]:
+    "The checked parameter values of a job and its store; `ParameterError` when they do not fit the notebook."
+    spec = notebook_parameters(notebook)
+    given = {**read_hyperparameters(folders), **(params or {})}
+    store = store or given.get("store") or ""
+    if not store: raise ParameterError("no store given: pass --store URI (a local folder or s3://bucket/prefix)")
+    if "store" in spec: given["store"] = store
+    else: given.pop("store", None)
+    for pname, folder in folders.folder_parameters().items():
+        if pname in spec and not given.get(pname):
+            folder.mkdir(parents=True, exist_ok=True); given[pname] = str(folder)
+    return check_parameters(given, spec, notebook), store
+
+# %% ../nbs/06a_runner.ipynb #r010
+from contextlib import contextmanager
+
+@contextmanager
+def stop_on_signals(job: NotebookKernel, say: Callable[[str], None]):
+    "While the job runs, SIGTERM and the death of the command that started it stop the kernel; yields the `stopping` event."
     main_thread = threading.current_thread() is threading.main_thread()
     stopping, kill_timer = threading.Event(), []
     def stop(reason: str, repeat_kills: bool = True) -> None:
@@ -429,45 +240,79 @@ def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = No
     if main_thread:
         previous = signal.signal(signal.SIGTERM, lambda s, f: stop("SIGTERM: forwarding to the kernel"))
     watch_parent_from_env(parent_died)
-    try:
-        _kernel_pythonpath()
-        from nlpmt.tracking import start_job_run, finish_job_run
-        from nlpmt.core import utc_now as _now
-        track_since = _now()
-        tracker = start_job_run(stage_name(notebook), name, run_id, values, store, job_name_from_env(folders=folders), out)
-        job.start_kernel()   # it boots while the store and papermill load
-        from nlpmt.storage import open_store
-        from nlpmt.core import provenance, utc_now
-        target, started = open_store(store), utc_now()
-        say(f"stage {name}: notebook {notebook.name} -> {target.url(key)}")
-        # a stop that came before the kernel existed reached no one: do not start the notebook at all
-        result = NotebookResult("Stopped", "stopped by SIGTERM before the first cell") if stopping.is_set() else job.run()
-    except ParameterError as e:
-        say(f"error: {e}"); write_failure(folders, f"nlpmt: bad parameters: {e}"); return 2
+    try: yield stopping
     finally:
         for timer in kill_timer: timer.cancel()
         job.shutdown_kernel()
         if main_thread: signal.signal(signal.SIGTERM, previous)
-    record = {"run_id": run_id, "name": name, "stage": stage_name(notebook), "notebook": notebook.name,
-              "job_name": job_name_from_env(folders=folders), "status": result.status, "failure": result.failure,
-              "parameters": values, "started": started, "ended": utc_now(), "seconds": round(result.seconds, 2),
-              "executed_notebook": key, "fingerprint": os.environ.get("NLPMT_FINGERPRINT"),
-              "sweep_id": os.environ.get("NLPMT_SWEEP_ID"), **provenance()}
+
+# %% ../nbs/06a_runner.ipynb #r013
+def run_record(run_id: str, name: str, notebook: Path, result: NotebookResult, values: dict, started: str,
+               key: str, folders: JobFolders) -> dict:
+    "The JSON record stored next to the executed notebook: status, failure, parameters, timing and provenance."
+    from nlpmt.core import provenance, utc_now
+    return {"run_id": run_id, "name": name, "stage": stage_name(notebook), "notebook": notebook.name,
+            "job_name": job_name_from_env(folders=folders), "status": result.status, "failure": result.failure,
+            "parameters": values, "started": started, "ended": utc_now(), "seconds": round(result.seconds, 2),
+            "executed_notebook": key, "fingerprint": os.environ.get("NLPMT_FINGERPRINT"),
+            "sweep_id": os.environ.get("NLPMT_SWEEP_ID"), **provenance()}
+
+def save_run(target, result: NotebookResult, key: str, record: dict, say: Callable[[str], None]) -> None:
+    "Upload the executed notebook and its record to the store; if that fails, a completed job becomes failed."
     try:
         if result.output_path: target.upload_file(result.output_path, key)
         target.write_json(key[:-len(".ipynb")] + ".json", record)
     except Exception as e:
         say(f"error: could not save the executed notebook to {target.url(key)}: {e}")
         if result.status == "Completed": result.status, result.failure = "Failed", f"saving the notebook failed: {e}"
+
+def job_outcome(result: NotebookResult, name: str, folders: JobFolders, url: str, say: Callable[[str], None]) -> int:
+    "Say how the job ended and write the failure file unless it completed; the exit code (0 done, 1 failed, 143 stopped)."
+    if result.status == "Completed":
+        say(f"stage {name} completed in {result.seconds:.1f} s; notebook: {url}"); return 0
+    message = (f"nlpmt stage '{name}' {result.failure}" if result.failure.startswith("stopped")
+               else f"nlpmt stage '{name}' {result.status.lower()} in {result.failure}")
+    write_failure(folders, message + f"\nexecuted notebook: {url}")
+    say(message); say(f"partial notebook: {url}")
+    return 143 if result.status == "Stopped" else 1
+
+# %% ../nbs/06a_runner.ipynb #r016
+def _bad_parameters(folders: JobFolders, error: ParameterError, say: Callable[[str], None]) -> int:
+    "Report parameters that do not fit the notebook: the failure file, the log, exit code 2."
+    say(f"error: {error}"); write_failure(folders, f"nlpmt: bad parameters: {error}")
+    return 2
+
+def run_job(stage: str, store: Optional[str] = None, params: Optional[dict] = None, run_id: Optional[str] = None,
+            name: Optional[str] = None, folders: Optional[JobFolders] = None, out=None) -> int:
+    "Run one stage notebook as a job (the container contract); returns the exit code."
+    out = out or sys.stderr
+    folders = folders or _default_folders()
+    say = lambda msg: print(f"nlpmt-runner: {msg}", file=out, flush=True)
+    try:
+        notebook = stage_notebook(stage)
+        values, store = job_parameters(notebook, store, params, folders)
+    except ParameterError as e: return _bad_parameters(folders, e, say)
+    run_id = run_id or os.environ.get("NLPMT_RUN_ID") or job_name_from_env(folders=folders) or new_run_id()
+    name = name or stage_name(notebook)
+    key = notebook_key(run_id, name)
+    job = NotebookJob(notebook, folders.output_data/f"{name}.ipynb", values)
+    try:
+        with stop_on_signals(job, say) as stopping:
+            _kernel_pythonpath()
+            from nlpmt.tracking import start_job_run, finish_job_run
+            from nlpmt.core import utc_now
+            track_since = utc_now()
+            tracker = start_job_run(stage_name(notebook), name, run_id, values, store, job_name_from_env(folders=folders), out)
+            job.start_kernel()   # it boots while the store and papermill load
+            from nlpmt.storage import open_store
+            target, started = open_store(store), utc_now()
+            say(f"stage {name}: notebook {notebook.name} -> {target.url(key)}")
+            # a stop that came before the kernel existed reached no one: do not start the notebook at all
+            result = NotebookResult("Stopped", "stopped by SIGTERM before the first cell") if stopping.is_set() else job.run()
+    except ParameterError as e: return _bad_parameters(folders, e, say)
+    save_run(target, result, key, run_record(run_id, name, notebook, result, values, started, key, folders), say)
     finish_job_run(tracker, result.status, stage_name(notebook), target, track_since, result.output_path)
-    if result.status != "Completed":
-        message = f"nlpmt stage '{name}' {result.status.lower()} in {result.failure}" if not result.failure.startswith("stopped") \
-                  else f"nlpmt stage '{name}' {result.failure}"
-        write_failure(folders, message + f"\nexecuted notebook: {target.url(key)}")
-        say(message); say(f"partial notebook: {target.url(key)}")
-        return 143 if result.status == "Stopped" else 1
-    say(f"stage {name} completed in {result.seconds:.1f} s; notebook: {target.url(key)}")
-    return 0
+    return job_outcome(result, name, folders, target.url(key), say)
 
 # %% ../nbs/06a_runner.ipynb #c032
 def parse_args(argv=None) -> argparse.Namespace:
