@@ -115,6 +115,9 @@ class TrainingSettings:
     seed: int = 42
     truncation: Literal["head", "tail", "head+tail"] = "head"   # which tokens of a longer text are kept
     class_weight: Literal["none", "balanced"] = "balanced"   # "balanced": cross-entropy weighted by n / (k * class rows)
+    dropout: Optional[float] = None       # probability of every dropout layer of the model; None: the model's own (0.1 in BERT)
+    freeze_embeddings: bool = False       # keep the word-embedding matrix fixed (no gradient, no optimizer state)
+    freeze_layers: int = 0                # keep the embeddings and this many lowest encoder layers fixed; 0: train them all
 
 @dataclass
 class TransformerConfig(TrainingSettings):

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from .core import ConfigError
 
 # %% auto #0
 __all__ = ['DEFAULT_MODEL', 'PACKAGED_MODELS', 'MODEL_ALIASES', 'ModelLoadError', 'resolve_model_path', 'quiet_transformers',
-           'separable_texts', 'make_tiny_bert', 'load_model_and_tokenizer']
+           'separable_texts', 'make_tiny_bert', 'load_model_and_tokenizer', 'encoder_layers', 'set_trainable']
 
 # %% ../nbs/04c_pretrained_models.ipynb #m006
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -110,3 +111,27 @@ def load_model_and_tokenizer(model_name: str, labels: Sequence[str]):
                                  f"Offline, pass a local model folder or {DEFAULT_MODEL!r})")
         raise ModelLoadError(f"cannot load model {model_name!r} from {source}{hint}: {e}") from e
     return tokenizer, model, source
+
+# %% ../nbs/04c_pretrained_models.ipynb #m020
+def encoder_layers(model) -> torch.nn.ModuleList:
+    "The model's stack of encoder layers: the `ModuleList` in its base model with one entry per hidden layer."
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n: return module
+    raise ConfigError(f"transformer.freeze_layers: cannot find the {n} encoder layers of {type(model).__name__}")
+
+# %% ../nbs/04c_pretrained_models.ipynb #m022
+def set_trainable(model, dropout: float | None = None, freeze_embeddings: bool = False, freeze_layers: int = 0) -> int:
+    "Set every dropout probability (None: the model's own) and freeze word embeddings or embeddings + lowest layers; the trainable parameter count."
+    if dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout): module.p = float(dropout)
+    if freeze_embeddings: model.get_input_embeddings().weight.requires_grad_(False)
+    if freeze_layers:
+        layers, embeddings = encoder_layers(model), getattr(model.base_model, "embeddings", None)
+        if freeze_layers >= len(layers):
+            raise ConfigError(f"transformer.freeze_layers: {freeze_layers} would freeze all {len(layers)} encoder layers "
+                             f"of {type(model).__name__}")
+        if embeddings is None: raise ConfigError(f"transformer.freeze_layers: {type(model).__name__} has no `embeddings` module")
+        for module in (embeddings, *layers[:freeze_layers]): module.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

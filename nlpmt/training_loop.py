@@ -31,21 +31,22 @@ __all__ = ['CLASS_WEIGHT_MODES', 'SpeedLevers', 'steps_per_epoch', 'total_steps'
 # %% ../nbs/04g_training_loop.ipynb #g006
 @dataclass
 class SpeedLevers:
-    "Throughput levers of the stage; `None` means unset: the device's default (on with CUDA where safe, CPU unchanged)."
-    fused_adamw: Optional[bool] = None   # torch's fused AdamW kernel (CUDA); default: on with CUDA
+    "Throughput levers of the stage; `None` means unset: the device's default (see above)."
+    fused_adamw: Optional[bool] = None   # torch's fused AdamW kernel (CUDA or CPU); default: on
     step_syncs: Optional[bool] = None    # the Trainer's per-step NaN/inf loss check (a host sync each step); default: off with CUDA
     bucket: Optional[int] = None         # pad batch lengths to a multiple of this many tokens; default: 8 with CUDA, none on CPU
     compile_mode: str = ""               # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs); "" = not compiled
     loader_workers: int = 0              # DataLoader worker processes for collation (pinned memory with CUDA)
-    attention: str = ""                  # attention kernel: sdpa | eager | flash_attention_2; "" = the model's default
+    attention: Optional[str] = None      # attention kernel: sdpa | eager | flash_attention_2 | "" (the model's default); default: eager on CPU
 
     def resolved(self, device: str) -> "SpeedLevers":
         "The levers with every unset one replaced by the default for `device`."
         cuda = device == "cuda"
-        return SpeedLevers(cuda if self.fused_adamw is None else self.fused_adamw,
+        return SpeedLevers(True if self.fused_adamw is None else self.fused_adamw,
                            (not cuda) if self.step_syncs is None else self.step_syncs,
                            (8 if cuda else 0) if self.bucket is None else self.bucket,
-                           self.compile_mode, self.loader_workers, self.attention)
+                           self.compile_mode, self.loader_workers,
+                           ("" if cuda else "eager") if self.attention is None else self.attention)
 
 # %% ../nbs/04g_training_loop.ipynb #g009
 def steps_per_epoch(n_rows: int, params: TrainParams, world_size: int = 1) -> int:

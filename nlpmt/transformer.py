@@ -25,7 +25,7 @@ from .metrics import (
     metrics_record, write_metrics, read_metrics, list_metrics, summary_row, plot_confusion, in_results)
 from .pretrained_models import (
     DEFAULT_MODEL, PACKAGED_MODELS, MODEL_ALIASES, ModelLoadError, resolve_model_path, quiet_transformers,
-    load_model_and_tokenizer, make_tiny_bert, separable_texts)
+    load_model_and_tokenizer, make_tiny_bert, separable_texts, encoder_layers, set_trainable)
 from .devices import (
     usable_cpus, set_torch_threads, training_device, cpu_supports_bf16, CUDA_AUTOCAST_MIN_PARAMS, choose_precision,
     visible_gpu_count, plan_parallel_runs, device_env, distributed_state, cpu_group, broadcast_from_rank0)
@@ -53,7 +53,7 @@ class TrainParams(TrainingSettings):
 
 _POSITIVE = ("epochs", "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
              "save_steps", "save_total_limit")
-_NON_NEGATIVE = ("weight_decay", "early_stopping_patience", "max_train_rows", "seed", "max_steps")
+_NON_NEGATIVE = ("weight_decay", "early_stopping_patience", "max_train_rows", "seed", "max_steps", "freeze_layers")
 
 def train_params(config: "Config | None" = None, **overrides) -> TrainParams:
     "The transformer config's values with every override that is not None on top, validated."
@@ -77,6 +77,8 @@ def train_params(config: "Config | None" = None, **overrides) -> TrainParams:
     if params.max_length != "auto" and not params.max_length > 0:
         raise ConfigError(f"transformer.max_length: must be > 0 or 'auto', got {params.max_length!r}")
     if not 0 <= params.warmup_ratio < 1: raise ConfigError(f"transformer.warmup_ratio: must be in [0, 1), got {params.warmup_ratio!r}")
+    if params.dropout is not None and not 0 <= params.dropout < 1:
+        raise ConfigError(f"transformer.dropout: must be in [0, 1) or null, got {params.dropout!r}")
     if not params.model_name.strip(): raise ConfigError("transformer.model_name: empty model name")
     return params
 
@@ -136,6 +138,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
 
         set_seed(params.seed)
         tokenizer, model, source = load_model_and_tokenizer(params.model_name, labels)
+        trainable = set_trainable(model, params.dropout, params.freeze_embeddings, params.freeze_layers)   # before the optimizer
         device = training_device()
         lv = (levers or SpeedLevers()).resolved(device)
         if lv.attention: model.set_attn_implementation(lv.attention)
@@ -194,7 +197,8 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
                  "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
                  "steps": trainer.state.global_step, "best_step": getattr(trainer.state, "best_global_step", None),
                  "precision": precision, "device": device + gpu + procs, "model_source": source,
-                 "length_plan": asdict(lengths), "class_weights": None if weights is None else weights.tolist()}
+                 "length_plan": asdict(lengths), "class_weights": None if weights is None else weights.tolist(),
+                 "trainable_parameters": trainable}
         rec = metrics_record(params.model_name, "transformer", labels,
                              splits["val"]["label"].tolist(), [labels[i] for i in val_pred],
                              splits["test"]["label"].tolist(), [labels[i] for i in test_pred],
