@@ -7,8 +7,10 @@ Measures, in one run, for MiniLM (all-minilm-l6-v2, 22.7M parameters) and a bert
   mixed precision (bf16 where supported, else fp16) and `group_by_length` (the `tuned` arm of
   bench/bench_transformer.py, the README's peer);
 - **stage**: `train_transformer` with the stage's defaults on CUDA (fused AdamW, no per-step host syncs,
-  lengths padded to a multiple of 8), then with each lever of `SpeedLevers` switched on or off *alone*:
-  `no-levers` (fused AdamW off, per-step NaN/inf check on: the stage as it was), `compile` (torch.compile
+  lengths padded to a multiple of 8) and the config's settings for the model (for MiniLM: no dropout,
+  embeddings and lowest layer fixed), then with each lever of `SpeedLevers` switched on or off *alone*:
+  `no-levers` (fused AdamW off, per-step NaN/inf check on: the stage as it was), `all-layers` (dropout 0.1
+  and every layer trained: the model's own recipe), `compile` (torch.compile
   reduce-overhead = CUDA graphs, lengths bucketed to multiples of 32 so only 4 shapes compile), `workers`
   (2 collation workers, pinned memory), `eager-attn` / `sdpa` (attention kernel), `eval512` (evaluation
   batch 512), `bf16` (autocast forced on: the stage picks fp32 for models under 50M parameters on a GPU).
@@ -35,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 LEVER_ARMS = {   # arm: (SpeedLevers overrides, TrainParams overrides)
     "stage": ({}, {}),
-    "no-levers": ({"fused_adamw": False, "step_syncs": True}, {}),
+    "no-levers": ({"fused_adamw": False, "step_syncs": True, "attention": ""}, {}),
+    "all-layers": ({}, {"dropout": 0.1, "freeze_embeddings": False, "freeze_layers": 0}),
     "compile": ({"compile_mode": "reduce-overhead", "bucket": 32}, {}),
     "workers": ({"loader_workers": 2}, {}),
     "eager-attn": ({"attention": "eager"}, {}),
@@ -52,7 +55,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="all-minilm-l6-v2,base", help="comma-separated; 'base' = --base-model")
     p.add_argument("--base-model", default="bert-base-uncased", help="the bert-base-sized model (hub name or folder)")
-    p.add_argument("--arms", default="tuned,stage,no-levers,compile,workers,eager-attn,eval512,bf16",
+    p.add_argument("--arms", default="tuned,stage,no-levers,all-layers,compile,workers,eager-attn,eval512,bf16",
                    help=f"tuned and any of: {', '.join(LEVER_ARMS)}")
     p.add_argument("--base-arms", default="tuned,stage,no-levers,compile",
                    help="arms for the base model (each takes minutes there)")
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
         if args.smoke:
             store, tiny = smoke_store(work)
             models = [(tiny, "base", True)]       # (model, size, pretrained): "base" runs the MFU code path too
-            args.rows, args.base_arms = 300, "tuned,stage,no-levers,compile,workers,eval512"
+            args.rows, args.base_arms = 300, "tuned,stage,no-levers,all-layers,compile,workers,eval512"
             repeated_train_store(store, args.rows, seed=config.data.seed)
         else:
             from bench_transformer import build_store
