@@ -56,6 +56,7 @@ class ProjectConfig:
     tags: dict[str, str] = field(default_factory=dict)
     tracking_uri: Optional[str] = None   # MLflow: None = off; http(s)://, sqlite:///, a folder, or a SageMaker MLflow ARN
 
+# %% ../nbs/00_core.ipynb #c008d
 @dataclass
 class DataConfig:
     "Split settings (`configs/data_config.yaml`) and the dataset's fields (its profile `configs/datasets/NAME.yaml`; None: unset)."
@@ -75,6 +76,7 @@ class DataConfig:
     strict: bool = False
     min_class_rows: int = 10
 
+# %% ../nbs/00_core.ipynb #c008g
 from .classifiers import CLASSIFIERS, CLASS_WEIGHTS
 ClassifierName = Literal[tuple(CLASSIFIERS)]     # the names in the classifier registry (nlpmt.classifiers)
 ClassWeight = Literal[CLASS_WEIGHTS]             # "none" | "balanced"
@@ -95,6 +97,7 @@ class BaselineConfig:
     seed: int = 42
     class_weight: ClassWeight = "balanced"       # none | balanced: weight classes inversely to their frequency
 
+# %% ../nbs/00_core.ipynb #c008j
 @dataclass
 class TrainingSettings:
     "The hyper-parameters of one fine-tuning run (shared by the config file and the transformer stage's parameters)."
@@ -159,6 +162,7 @@ def _convert(value, tp, where: str):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
 
+# %% ../nbs/00_core.ipynb #c010d
 def from_dict(cls, data, where: str):
     "Build dataclass `cls` from a mapping, rejecting unknown keys, wrong types and missing required values."
     if not isinstance(data, dict): raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -194,6 +198,7 @@ class Config:
         if not path or "://" in path or path.startswith("data/raw/") or os.path.isabs(path): return path
         return str((Path(self.config_dir).parent/path).resolve())
 
+# %% ../nbs/00_core.ipynb #c013d
 def _read_yaml(path: Path) -> dict:
     "Parse one YAML config file, naming it in any error."
     try: data = yaml.safe_load(path.read_text()) or {}
@@ -202,6 +207,7 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict): raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
 
+# %% ../nbs/00_core.ipynb #c013g
 def parse_override(text: str) -> tuple[str, str, Any]:
     "Split `section.key=value` into its parts, parsing the value as YAML."
     m = re.fullmatch(r"(\w+)\.(\w+)=(.*)", text, flags=re.S)
@@ -211,6 +217,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except yaml.YAMLError: value = m.group(3)
     return m.group(1), m.group(2), value
 
+# %% ../nbs/00_core.ipynb #c013i
 def env_overrides(env=None) -> list[str]:
     "Overrides from `NLPMT_<SECTION>__<KEY>` variables and the `NLPMT_STORE` shortcut."
     env = os.environ if env is None else env
@@ -220,6 +227,7 @@ def env_overrides(env=None) -> list[str]:
         if m: out.append(f"{m.group(1).lower()}.{m.group(2).lower()}={value}")
     return out
 
+# %% ../nbs/00_core.ipynb #c013l
 def load_config(config_dir: str | Path | None = None, overrides=(), env=None) -> Config:
     "Load and validate `configs/*.yaml`, then apply environment and explicit `section.key=value` overrides."
     config_dir = Path(config_dir) if config_dir else project_root()/"configs"
@@ -251,6 +259,7 @@ def git_commit(root: str | Path | None = None) -> str:
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError, FileNotFoundError): return "unknown"
 
+# %% ../nbs/00_core.ipynb #c016d
 def utc_now() -> str:
     "Current UTC time, ISO 8601 with seconds."
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -274,6 +283,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""): h.update(block)
     return h.hexdigest()
 
+# %% ../nbs/00_core.ipynb #c019c
 def model_short_name(name: str) -> str:
     "File-safe short name of a model name or path: last path component, lower-case, safe characters only."
     last = str(name).rstrip("/\\").replace("\\", "/").split("/")[-1]
