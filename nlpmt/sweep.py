@@ -412,6 +412,7 @@ def cmd_sweep(args) -> int:
 def register_cli(subparsers) -> None:
     "Add `nlpmt sweep`."
     from nlpmt.cli import add_config_options
+    from nlpmt.settings import add_project_arguments
     if "sweep" in subparsers.choices: return
     p = subparsers.add_parser("sweep", help="run a stage over a parameter space (grid, random, Optuna TPE), choose on validation",
                               description="One normal job per trial; the trial with the best validation objective is "
@@ -427,13 +428,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--objective", default="val_macro_f1", help=f"validation metric to optimise: {', '.join(OBJECTIVES)}")
     p.add_argument("--sweep-id", default=None, help="resume this sweep (default: a new id)")
     p.add_argument("--seed", type=int, default=0, help="seed of random/bayes proposals")
-    p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
     p.add_argument("--backend", default="local", help="local (default), sagemaker, container, or a backend registered in nlpmt.backends.BACKENDS")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="transformer: one job per model in each trial")
-    p.add_argument("--instance-type", default=None, help="SageMaker instance type")
-    p.add_argument("--spot", dest="spot", action="store_true", default=None, help="managed spot training (SageMaker)")
-    p.add_argument("--no-spot", dest="spot", action="store_false")
-    p.add_argument("--role", default=None, help="SageMaker execution role ARN")
+    add_project_arguments(p)   # --store, --instance-type, --spot/--no-spot, --role (nlpmt.settings.PROJECT_FLAGS)
     p.add_argument("--poll", type=float, default=30.0, help=argparse.SUPPRESS)
     add_config_options(p)
     p.set_defaults(func=cmd_sweep)

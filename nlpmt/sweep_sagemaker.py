@@ -13,6 +13,7 @@ from typing import Optional
 from .core import load_config, utc_now, ConfigError
 from .storage import open_store, Store
 from .runner import ParameterError
+from .settings import apply_project_arguments
 from .sweep import (SweepParam, SweepResult, check_objective, grid_trials, random_trials, trial_spec,
                          read_objective, read_manifest, write_manifest, manifest_key, new_sweep_id, format_sweep,
                          _new_manifest, _literal)
@@ -59,9 +60,8 @@ def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, tri
     from sagemaker.core.shapes import StoppingCondition
     from nlpmt.runner import METRIC_DEFINITIONS
     check_cloud_job(spec, config)
-    store, p = open_store(spec.store), config.project
-    role, itype = execution_role(config, role), instance_type or p.training_instance_type
-    spot = p.use_spot if spot is None else spot
+    store, p = open_store(spec.store), apply_project_arguments(config.project, {"instance_type": instance_type, "spot": spot})
+    role, itype, spot = execution_role(config, role), p.training_instance_type, p.use_spot
     if spot and p.max_wait_seconds < p.max_run_seconds:
         raise ConfigError("project.max_wait_seconds must be >= project.max_run_seconds for spot training")
     session = sagemaker_session(store, config, boto_session)
