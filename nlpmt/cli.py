@@ -33,6 +33,7 @@ PLUGIN_COMMANDS = {
     "sweep":    ("nlpmt.sweep",   "run a stage over a parameter space (grid, random, Optuna TPE), choose on validation"),
 }
 
+# %% ../nbs/09_cli.ipynb #cr11
 def add_config_options(p: argparse.ArgumentParser) -> None:
     "Options every command shares: the config folder and `section.key=value` overrides."
     p.add_argument("--config-dir", default=None, help="folder holding the YAML configs (default: <project>/configs)")
@@ -53,12 +54,14 @@ def cmd_ls(args) -> int:
     if args.long: print(f"{len(info)} objects, {sum(i.size for i in info.values()):,d} bytes in {store.url(args.prefix or '')}")
     return 0
 
+# %% ../nbs/09_cli.ipynb #cr16
 def default_local_dir(config) -> Path:
     "The local side of a sync: the configured store when it is a local folder, else `<project>/store`."
     uri = config.project.store
     if "://" in uri: return project_root()/"store"
     return Path(uri) if os.path.isabs(uri) else Path(config.config_dir).parent/uri
 
+# %% ../nbs/09_cli.ipynb #cr19
 def cmd_sync(args) -> int:
     "Sync the layout folders between a local folder and a store, in either direction."
     config = config_from_args(args)
@@ -94,6 +97,7 @@ def cmd_sync(args) -> int:
               "their folder (listed above)", file=sys.stderr); return 1
     return 0
 
+# %% ../nbs/09_cli.ipynb #cr22
 def cmd_config_show(args) -> int:
     "Print the effective, validated config (files + environment + --set overrides)."
     config = config_from_args(args)
@@ -149,6 +153,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=help_text, add_help=False).set_defaults(func=lambda a, n=name: _unavailable(n))
     return parser
 
+# %% ../nbs/09_cli.ipynb #cr26
 def _unavailable(name: str) -> int:
     "Message for a plugin command whose module is not installed."
     print(f"nlpmt: '{name}' is not available in this installation", file=sys.stderr); return 2

@@ -84,9 +84,9 @@ def run_pipeline(store: Optional[str] = None, backend: str | Backend = "local", 
 def _add_backend_options(p) -> None:
     "Options shared by `run` and `pipeline`."
     from nlpmt.cli import add_config_options
+    from nlpmt.settings import add_project_arguments
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a notebook parameter (repeatable), converted to the type of its default")
-    p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
     p.add_argument("--backend", choices=list(BACKENDS), default="local",
                    help="where the jobs run (default: local); container: the SageMaker request executed on this machine")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -95,10 +95,7 @@ def _add_backend_options(p) -> None:
     p.add_argument("--dataset", dest="overrides", action="append", default=[], type=_dataset_override, metavar="NAME|FILE",
                    help="dataset profile: a name in configs/datasets/ or a profile file (sets data.dataset)")
     p.add_argument("--run-id", default=None, help="group the jobs under this run id (default: time + random)")
-    p.add_argument("--instance-type", default=None, help="SageMaker instance type (default: from project.yaml)")
-    p.add_argument("--spot", dest="spot", action="store_true", default=None, help="managed spot training (SageMaker)")
-    p.add_argument("--no-spot", dest="spot", action="store_false", help="on-demand training (SageMaker)")
-    p.add_argument("--role", default=None, help="SageMaker execution role ARN (default: project.role_arn)")
+    add_project_arguments(p)   # --store, --instance-type, --spot/--no-spot, --role (nlpmt.settings.PROJECT_FLAGS)
     p.add_argument("--poll", type=float, default=30.0, help=argparse.SUPPRESS)
     from nlpmt.container import add_container_options
     add_container_options(p)

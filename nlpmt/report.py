@@ -425,25 +425,25 @@ def format_summary(report: Report) -> str:
 def cmd_report(args) -> int:
     "Handler of `nlpmt report`."
     from nlpmt.cli import config_from_args
-    store = open_store(args.store) if args.store else open_store(None, config_from_args(args))
-    report = make_report(store, allow_mixed_data=args.allow_mixed_data, n_bootstrap=args.n_bootstrap, seed=args.seed)
+    from nlpmt.settings import ReportSettings, settings_from_args
+    s = settings_from_args(ReportSettings, args)
+    store = open_store(s.store) if s.store else open_store(None, config_from_args(args))
+    report = make_report(store, allow_mixed_data=s.allow_mixed_data, n_bootstrap=s.n_bootstrap, seed=s.seed)
     print(format_summary(report))
     for w in report.warnings: print(f"WARNING: {w}", file=sys.stderr)   # also where a pipeline log shows errors
     from nlpmt.sweep_report import report_sweeps, sweep_markdown   # one section per sweep (nbs/13_sweep_report)
-    for s in report_sweeps(store, n_bootstrap=args.n_bootstrap, seed=args.seed): print("\n" + sweep_markdown(s))
+    for sweep in report_sweeps(store, n_bootstrap=s.n_bootstrap, seed=s.seed): print("\n" + sweep_markdown(sweep))
     return 0
 
 def register_cli(subparsers) -> None:
     "Add `nlpmt report` to the CLI."
     from nlpmt.cli import add_config_options
+    from nlpmt.settings import ReportSettings, add_settings_arguments, add_project_arguments
     p = subparsers.add_parser("report", help="leaderboard, significance tests and comparison figures",
                               description="Collect every results/*/*_metrics.json in a store, rank the models by "
                               "validation macro-F1, test the selected model against the others and write "
                               "results/summary.csv, results/report.md and figures/results/*.png back to the store.")
-    p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: the configured project.store)")
-    p.add_argument("--allow-mixed-data", action="store_true",
-                   help="rank results computed on different data splits anyway (normally an error)")
-    p.add_argument("--n-bootstrap", type=int, default=DEFAULT_N_BOOTSTRAP, help="bootstrap resamples (default %(default)s)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed (default %(default)s)")
+    add_project_arguments(p, ["--store"])
+    add_settings_arguments(p, ReportSettings, ["allow_mixed_data", "n_bootstrap", "seed"])   # the stage's parameters
     add_config_options(p)
     p.set_defaults(func=cmd_report)

@@ -9,8 +9,8 @@ Docs: https://nlpmt.github.io/nlpmt/runner.html.md"""
 
 # %% ../nbs/06a_runner.ipynb #c004
 from __future__ import annotations
-import argparse, ast, io, json, logging, math, os, re, signal, sys, tempfile, threading, time, tokenize, uuid
-from dataclasses import dataclass, field, asdict
+import argparse, json, os, re, signal, sys, tempfile, threading, time, uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 from .supervise import watch_parent_from_env, stop_grace, finish_unsupervised_job
@@ -24,10 +24,9 @@ __all__ = ['OPT_ML', 'STAGES', 'METRIC_PREFIX', 'METRIC_NAMES', 'METRIC_DEFINITI
            'main']
 
 # %% ../nbs/06a_runner.ipynb #c004b
-# The parameters cell reader and the value checks moved to nlpmt.settings (nbs/00c_settings.ipynb); they are
-# re-exported here so existing importers (`from nlpmt.runner import check_parameters`, nlpmt.jobs) keep working.
-from .settings import (ParameterError, NotebookParameter, _parameters_cell, _line_comments, notebook_parameters,
-                            describe_parameters, _parse_structured, coerce_value, check_parameters, _same_value,
+# The parameters cell reader and the value checks live in nlpmt.settings (nbs/00c_settings.ipynb); these are
+# re-exported here because nlpmt.jobs, nlpmt.job_plan, nlpmt.notebook_job and the tests import them from the runner.
+from .settings import (ParameterError, notebook_parameters, describe_parameters, check_parameters,
                             check_injected_cell)
 
 # %% ../nbs/06a_runner.ipynb #c006
@@ -153,8 +152,7 @@ def on_termination(callback: Optional[Callable[[], Any]] = None, stop: bool = Tr
     signal.signal(signal.SIGTERM, handler)
 
 # %% ../nbs/06a_runner.ipynb #c025
-from .notebook_job import (NotebookJob, NotebookKernel, NotebookResult, describe_cell, select_job_cells,
-                                JOB_DIRECTIVE, SAVE_EVERY)
+from .notebook_job import NotebookJob, NotebookKernel, NotebookResult
 
 # %% ../nbs/06a_runner.ipynb #c027
 def new_run_id() -> str:

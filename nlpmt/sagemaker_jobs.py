@@ -13,6 +13,7 @@ import os, sys, tempfile, time
 from typing import Optional
 from .core import model_short_name, git_commit, ConfigError
 from .stages import stage_spec
+from .settings import project_arguments, apply_project_arguments
 from .storage import open_store, S3Store, join_key, SPLITS
 from .runner import STAGES, stage_name, notebook_key, METRIC_DEFINITIONS
 from .aws import JOB_LOG_GROUPS, JOB_CODE_PREFIX, JOB_OUTPUT_PREFIX
@@ -101,16 +102,15 @@ def _submit(spec: JobSpec, config, instance_type, spot, role, boto_session) -> S
     store = open_store(spec.store)
     role = execution_role(config, role)
     session = sagemaker_session(store, config, boto_session)
-    p = config.project
+    p = apply_project_arguments(config.project, {"instance_type": instance_type, "spot": spot})
     with tempfile.TemporaryDirectory(prefix="nlpmt-bundle-") as tmp:
         bundle = make_bundle(spec, config, tmp)
         args = ["--stage", bundle_stage_arg(spec), "--store", spec.store, "--run-id", spec.run_id, "--name", spec.name]
         if spec.kind == "training":
-            itype = instance_type or p.training_instance_type
-            spot = p.use_spot if spot is None else spot
+            itype, spot = p.training_instance_type, p.use_spot
             name = _submit_training(spec, config, session, bundle, args, itype, spot, role, store)
         else:
-            itype, spot = instance_type or p.processing_instance_type, False
+            itype, spot = p.processing_instance_type, False
             name = _submit_processing(spec, config, session, bundle, args, itype, role)
     return SubmittedJob(name, spec.kind, spec.name, spec.run_id, spec.store, store.url(notebook_key(spec.run_id, spec.name)),
                         itype, bool(spot), backend="sagemaker", stage=stage_name(spec.notebook))
@@ -278,8 +278,7 @@ def wait_for_job(name: str, client=None, poll: float = 30.0, heartbeat: float = 
 # %% ../nbs/06g_sagemaker_jobs.ipynb #46df7364
 def submit_options(args) -> dict:
     "`submit_sagemaker`'s options from parsed arguments (`--instance-type`, `--spot`/`--no-spot`, `--role`)."
-    return {"instance_type": getattr(args, "instance_type", None), "spot": getattr(args, "spot", None),
-            "role": getattr(args, "role", None)}
+    return project_arguments(args, ["--instance-type", "--spot", "--role"])
 
 class SageMakerBackend(Backend):
     "`--backend sagemaker` (options: instance_type, spot, role, boto_session, client, poll, logs)."

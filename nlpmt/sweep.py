@@ -18,9 +18,9 @@ from .runner import ParameterError, METRIC_PREFIX, notebook_key, stage_name
 # %% auto #0
 __all__ = ['OBJECTIVES', 'SweepParam', 'parse_param', 'range_points', 'grid_trials', 'sample_value', 'random_trials',
            'optuna_distributions', 'optuna_study', 'ask_bayes', 'check_objective', 'metric_lines', 'notebook_text',
-           'trial_prefix', 'sweep_prefix', 'trial_records', 'read_objective', 'manifest_key', 'choose_trial',
-           'write_manifest', 'read_manifest', 'list_sweeps', 'trial_spec', 'backend_runner', 'SweepResult',
-           'new_sweep_id', 'run_sweep', 'format_sweep', 'cmd_sweep', 'register_cli']
+           'trial_prefix', 'sweep_prefix', 'trial_records', 'read_objective', 'choose_trial', 'manifest_key',
+           'write_manifest', 'read_manifest', 'list_sweeps', 'format_sweep', 'trial_spec', 'backend_runner',
+           'SweepResult', 'new_sweep_id', 'plan_trials', 'run_sweep', 'sweep_space', 'cmd_sweep', 'register_cli']
 
 # %% ../nbs/10_sweep.ipynb #s006
 @dataclass
@@ -43,6 +43,7 @@ class SweepParam:
         if not self.is_range: return ",".join(map(str, self.values))
         return f"{'log:' if self.log else ''}{self.low:g}..{self.high:g}" + (" (int)" if self.integer else "")
 
+# %% ../nbs/10_sweep.ipynb #sr19
 def _literal(text: str):
     "A value from the command line: int, float, true/false, or the string itself."
     t = text.strip()
@@ -85,6 +86,7 @@ def grid_trials(space: list[SweepParam], grid_points: int = 3) -> list[dict]:
     names = [p.name for p in space]
     return [dict(zip(names, combo)) for combo in itertools.product(*(range_points(p, grid_points) for p in space))]
 
+# %% ../nbs/10_sweep.ipynb #sr32
 def sample_value(p: SweepParam, rng: random.Random):
     "One random value of a parameter (log-uniform on log ranges)."
     if not p.is_range: return rng.choice(p.values)
@@ -108,6 +110,7 @@ def optuna_distributions(space: list[SweepParam]) -> dict:
         else: out[p.name] = FloatDistribution(float(p.low), float(p.high), log=p.log)
     return out
 
+# %% ../nbs/10_sweep.ipynb #sr35
 def optuna_study(space: list[SweepParam], done: list[dict], direction: str = "maximize", seed: int = 0):
     "A TPE study that already knows the finished trials `done` (dicts with `params` and `objective`)."
     import optuna
@@ -138,6 +141,7 @@ def check_objective(name: str) -> str:
         raise ParameterError(f"objective {name!r} is not allowed{why}; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name][1]
 
+# %% ../nbs/10_sweep.ipynb #sr38
 def metric_lines(text: str) -> list[dict]:
     "The `nlpmt-metric name=value ...` lines of a log, as dicts of floats."
     out = []
@@ -172,6 +176,7 @@ def sweep_prefix(sweep_id: str) -> str:
         raise ParameterError(f"sweep id {sweep_id!r}: use letters, digits, '-', '_' and '.' only")
     return f"results/sweeps/{sweep_id}"
 
+# %% ../nbs/10_sweep.ipynb #sr42
 def trial_records(store: Store, sweep_id: str, trial: str) -> dict[str, dict]:
     "The metrics records a trial wrote, by store key."
     out = {}
@@ -193,9 +198,7 @@ def read_objective(store: Store, sweep_id: str, trial: str, run_id: str, name: s
     vals = [l[objective] for l in metric_lines(notebook_text(nb)) if objective in l and not math.isnan(l[objective])]
     return vals[-1] if vals else None
 
-# %% ../nbs/10_sweep.ipynb #s019
-def manifest_key(sweep_id: str) -> str: return f"{sweep_prefix(sweep_id)}/manifest.json"
-
+# %% ../nbs/10_sweep.ipynb #sr44
 def choose_trial(trials: list[dict], direction: str) -> Optional[dict]:
     "The completed trial with the best objective (ties: the earlier trial)."
     done = [t for t in trials if t.get("status") == "Completed" and t.get("objective") is not None]
@@ -203,6 +206,9 @@ def choose_trial(trials: list[dict], direction: str) -> Optional[dict]:
     sign = 1 if direction == "maximize" else -1
     order = {id(t): i for i, t in enumerate(trials)}
     return max(done, key=lambda t: (sign*t["objective"], -order[id(t)]))
+
+# %% ../nbs/10_sweep.ipynb #sr46
+def manifest_key(sweep_id: str) -> str: return f"{sweep_prefix(sweep_id)}/manifest.json"
 
 def write_manifest(store: Store, manifest: dict) -> None:
     "Choose the best trial and write the manifest (the store writes through a temporary name)."
@@ -216,6 +222,7 @@ def read_manifest(store: Store, sweep_id: str) -> Optional[dict]:
     key = manifest_key(sweep_id)
     return store.read_json(key) if store.exists(key) else None
 
+# %% ../nbs/10_sweep.ipynb #sr48
 def list_sweeps(store: Store) -> list[dict]:
     "Every sweep manifest in the store, oldest first."
     keys = [k for k in store.list("results/sweeps") if re.fullmatch(r"results/sweeps/[^/]+/manifest\.json", k)]
@@ -224,6 +231,21 @@ def list_sweeps(store: Store) -> list[dict]:
         try: out.append(store.read_json(k))
         except (StoreError, ValueError): pass
     return sorted(out, key=lambda m: m.get("created", ""))
+
+# %% ../nbs/10_sweep.ipynb #s026
+def format_sweep(manifest: dict) -> str:
+    "The trials table of a sweep, the chosen trial marked with `*`."
+    from nlpmt.job_tables import format_table
+    chosen = (manifest.get("chosen") or {}).get("trial")
+    names = [s["name"] for s in manifest["space"]]
+    show = lambda v: f"{v:g}" if isinstance(v, float) else v
+    rows = [{"": "*" if t["trial"] == chosen else "", "trial": t["trial"], **{n: show(t["params"].get(n)) for n in names},
+             manifest["objective"]: t.get("objective"), "status": t["status"], "seconds": t.get("seconds"),
+             "run id": t["run_id"]} for t in manifest["trials"]]
+    head = f"\nSweep {manifest['sweep_id']} ({manifest['strategy']}, {manifest['objective']} {manifest['direction']}d on validation)"
+    tail = (f"\nchosen: {chosen} {json.dumps(manifest['chosen']['params'])} "
+            f"{manifest['objective']}={manifest['chosen']['objective']:.4f}") if chosen else "\nchosen: none (no completed trial)"
+    return head + "\n" + format_table(rows) + tail
 
 # %% ../nbs/10_sweep.ipynb #s022
 def trial_spec(stage: str, params: dict, base_params: dict, store: str, config, run_id: str, sweep_id: str,
@@ -252,6 +274,7 @@ class SweepResult:
     manifest: dict
     interrupted: bool = False
 
+# %% ../nbs/10_sweep.ipynb #sr54
 def _run_of(notebook_url: str) -> str:
     "The run id in an executed notebook's URL (`.../results/notebooks/<run id>/<name>.ipynb`)."
     parts = notebook_url.rstrip("/").split("/")
@@ -262,6 +285,7 @@ def new_sweep_id(stage: str) -> str:
     from nlpmt.runner import new_run_id
     return f"sweep-{re.sub(r'[^a-z0-9]+', '-', stage_name(stage).lower())}-{new_run_id()}"
 
+# %% ../nbs/10_sweep.ipynb #sr56
 def _new_manifest(sweep_id, stage, space, strategy, objective, direction, trials_wanted, backend, store, base_params,
                   overrides, seed, config) -> dict:
     "A manifest for a new sweep."
@@ -271,6 +295,31 @@ def _new_manifest(sweep_id, stage, space, strategy, objective, direction, trials
             "overrides": list(overrides), "seed": seed, "created": utc_now(), "trials": [], "chosen": None,
             **provenance(config)}
 
+# %% ../nbs/10_sweep.ipynb #sr59
+def plan_trials(space: list[SweepParam], strategy: str, trials: Optional[int] = None, grid_points: int = 3,
+                seed: int = 0) -> list:
+    "The parameter sets a sweep runs: the grid (capped at `trials`), `trials` random ones, or one None per bayes trial."
+    if strategy == "grid": return grid_trials(space, grid_points)[:trials or None]
+    if strategy == "random": return random_trials(space, trials or 10, seed)
+    return [None] * (trials or 10)
+
+# %% ../nbs/10_sweep.ipynb #sr62
+def _finish_trial(row: dict, results: list, interrupted: bool, store: Store, sweep_id: str, objective: str) -> None:
+    "Record in a trial's manifest row how its jobs ended and, when they completed, its objective (none: Failed)."
+    rs = [r for r in results if _run_of(r.notebook_url) == row["run_id"]]
+    row["status"] = ("Stopped" if interrupted else "Failed") if not rs else next(
+        (r.status for r in rs if r.status != "Completed"), "Completed")
+    row["failure"] = "; ".join(r.failure for r in rs if r.failure)
+    row["seconds"] = round(sum(r.seconds for r in rs), 2)
+    row["job_names"] = [r.job_name for r in rs]
+    row["notebooks"] = [r.notebook_url for r in rs]
+    row["ended"] = utc_now()
+    if row["status"] == "Completed":
+        row["objective"] = read_objective(store, sweep_id, row["trial"], row["run_id"], row["names"][0], objective)
+        if row["objective"] is None:
+            row["status"], row["failure"] = "Failed", f"the job printed no {objective} and wrote no metrics record"
+
+# %% ../nbs/10_sweep.ipynb #sr64
 def run_sweep(stage: str, space: list[SweepParam], strategy: str = "grid", trials: Optional[int] = None,
               objective: str = "val_macro_f1", max_parallel: int = 1, store: Optional[str] = None,
               backend: str = "local", base_params: Optional[dict] = None, sweep_id: Optional[str] = None,
@@ -297,9 +346,7 @@ def run_sweep(stage: str, space: list[SweepParam], strategy: str = "grid", trial
             (strategy, objective, [p.describe() for p in space]):
         raise ParameterError(f"sweep {sweep_id} exists with another strategy, objective or space: "
                              f"{manifest['strategy']}, {manifest['objective']}, {[s['spec'] for s in manifest['space']]}")
-    planned = grid_trials(space, grid_points) if strategy == "grid" else \
-        random_trials(space, trials or 10, seed) if strategy == "random" else [None] * (trials or 10)
-    if strategy == "grid" and trials: planned = planned[:trials]
+    planned = plan_trials(space, strategy, trials, grid_points, seed)
     run_many = run_many or backend_runner(backend, config)
     gpus = visible_gpus()
     width = max(1, min(max_parallel, len(gpus))) if len(gpus) > 1 else 1
@@ -335,18 +382,7 @@ def run_sweep(stage: str, space: list[SweepParam], strategy: str = "grid", trial
             except JobInterrupted as e:
                 results, interrupted = e.results, True
             for row in rows:
-                rs = [r for r in results if _run_of(r.notebook_url) == row["run_id"]]
-                row["status"] = ("Stopped" if interrupted else "Failed") if not rs else next(
-                    (r.status for r in rs if r.status != "Completed"), "Completed")
-                row["failure"] = "; ".join(r.failure for r in rs if r.failure)
-                row["seconds"] = round(sum(r.seconds for r in rs), 2)
-                row["job_names"] = [r.job_name for r in rs]
-                row["notebooks"] = [r.notebook_url for r in rs]
-                row["ended"] = utc_now()
-                if row["status"] == "Completed":
-                    row["objective"] = read_objective(target, sweep_id, row["trial"], row["run_id"], row["names"][0], objective)
-                    if row["objective"] is None:
-                        row["status"], row["failure"] = "Failed", f"the job printed no {objective} and wrote no metrics record"
+                _finish_trial(row, results, interrupted, target, sweep_id, objective)
                 bar.update(1)
             write_manifest(target, manifest)
             best = manifest["chosen"]
@@ -364,22 +400,20 @@ def run_sweep(stage: str, space: list[SweepParam], strategy: str = "grid", trial
             print(f"nlpmt: sweep {sweep_id} stopped; resume with --sweep-id {sweep_id}", file=out, flush=True)
     return SweepResult(manifest, interrupted)
 
-# %% ../nbs/10_sweep.ipynb #s026
-def format_sweep(manifest: dict) -> str:
-    "The trials table of a sweep, the chosen trial marked with `*`."
-    from nlpmt.job_tables import format_table
-    chosen = (manifest.get("chosen") or {}).get("trial")
-    names = [s["name"] for s in manifest["space"]]
-    show = lambda v: f"{v:g}" if isinstance(v, float) else v
-    rows = [{"": "*" if t["trial"] == chosen else "", "trial": t["trial"], **{n: show(t["params"].get(n)) for n in names},
-             manifest["objective"]: t.get("objective"), "status": t["status"], "seconds": t.get("seconds"),
-             "run id": t["run_id"]} for t in manifest["trials"]]
-    head = f"\nSweep {manifest['sweep_id']} ({manifest['strategy']}, {manifest['objective']} {manifest['direction']}d on validation)"
-    tail = (f"\nchosen: {chosen} {json.dumps(manifest['chosen']['params'])} "
-            f"{manifest['objective']}={manifest['chosen']['objective']:.4f}") if chosen else "\nchosen: none (no completed trial)"
-    return head + "\n" + format_table(rows) + tail
-
 # %% ../nbs/10_sweep.ipynb #s028
+def sweep_space(params: list, swept=()) -> tuple[list[SweepParam], dict]:
+    "`-p NAME SPEC` pairs split into the swept parameters and the fixed ones (one value, not named by `--sweep`)."
+    space, base = [], {}
+    for name, spec in params:
+        if "," in spec or ".." in spec or name in swept or "." in name: space.append(parse_param(name, spec))
+        else: base[name] = spec
+    if not space:   # a single value per parameter: still a (one-trial) sweep over the first one
+        first = next(iter(base), None)
+        if first is None: raise ParameterError("nothing to sweep: give -p NAME v1,v2,... or a range a..b")
+        space.append(parse_param(first, base.pop(first)))
+    return space, base
+
+# %% ../nbs/10_sweep.ipynb #sr68
 def cmd_sweep(args) -> int:
     "Run a sweep of one stage and print its trials table."
     from nlpmt.cli import config_from_args
@@ -388,14 +422,7 @@ def cmd_sweep(args) -> int:
     if threading.current_thread() is threading.main_thread():   # Ctrl-C stops the sweep even if started with SIGINT ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
     config = config_from_args(args)
-    space, base = [], {}
-    for name, spec in args.param:
-        if "," in spec or ".." in spec or name in args.sweep or "." in name: space.append(parse_param(name, spec))
-        else: base[name] = spec
-    if not space:   # a single value per parameter: still a (one-trial) sweep over the first one
-        first = next(iter(base), None)
-        if first is None: raise ParameterError("nothing to sweep: give -p NAME v1,v2,... or a range a..b")
-        space.append(parse_param(first, base.pop(first)))
+    space, base = sweep_space(args.param, args.sweep)
     kw = dict(strategy=args.strategy, trials=args.trials, objective=args.objective, max_parallel=args.max_parallel,
               store=args.store, base_params=base, sweep_id=args.sweep_id, grid_points=args.grid_points, seed=args.seed,
               config=config, overrides=args.overrides, config_dir=args.config_dir, models=args.models)
@@ -409,9 +436,11 @@ def cmd_sweep(args) -> int:
     ok = res.manifest.get("tuning_job") or res.manifest.get("chosen")
     return 0 if ok else 1
 
+# %% ../nbs/10_sweep.ipynb #sr71
 def register_cli(subparsers) -> None:
     "Add `nlpmt sweep`."
     from nlpmt.cli import add_config_options
+    from nlpmt.settings import add_project_arguments
     if "sweep" in subparsers.choices: return
     p = subparsers.add_parser("sweep", help="run a stage over a parameter space (grid, random, Optuna TPE), choose on validation",
                               description="One normal job per trial; the trial with the best validation objective is "
@@ -427,13 +456,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--objective", default="val_macro_f1", help=f"validation metric to optimise: {', '.join(OBJECTIVES)}")
     p.add_argument("--sweep-id", default=None, help="resume this sweep (default: a new id)")
     p.add_argument("--seed", type=int, default=0, help="seed of random/bayes proposals")
-    p.add_argument("--store", default=None, help="local folder or s3://bucket/prefix (default: project.store)")
     p.add_argument("--backend", default="local", help="local (default), sagemaker, container, or a backend registered in nlpmt.backends.BACKENDS")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL", help="transformer: one job per model in each trial")
-    p.add_argument("--instance-type", default=None, help="SageMaker instance type")
-    p.add_argument("--spot", dest="spot", action="store_true", default=None, help="managed spot training (SageMaker)")
-    p.add_argument("--no-spot", dest="spot", action="store_false")
-    p.add_argument("--role", default=None, help="SageMaker execution role ARN")
+    add_project_arguments(p)   # --store, --instance-type, --spot/--no-spot, --role (nlpmt.settings.PROJECT_FLAGS)
     p.add_argument("--poll", type=float, default=30.0, help=argparse.SUPPRESS)
     add_config_options(p)
     p.set_defaults(func=cmd_sweep)

@@ -13,9 +13,9 @@ from typing import Optional
 from .core import load_config, utc_now, ConfigError
 from .storage import open_store, Store
 from .runner import ParameterError
-from .sweep import (SweepParam, SweepResult, check_objective, grid_trials, random_trials, trial_spec,
-                         read_objective, read_manifest, write_manifest, manifest_key, new_sweep_id, format_sweep,
-                         _new_manifest, _literal)
+from .settings import apply_project_arguments
+from .sweep import (SweepParam, SweepResult, check_objective, plan_trials, trial_spec, read_objective,
+                         read_manifest, write_manifest, manifest_key, new_sweep_id, format_sweep, _new_manifest, _literal)
 
 # %% auto #0
 __all__ = ['TUNE_SCRIPT', 'tuner_ranges', 'submit_tuning_job', 'final_metric', 'refresh_tuning_sweep', 'run_sweep_sagemaker']
@@ -33,6 +33,7 @@ export NLPMT_MODELS_PREFIX="models/sweeps/${{NLPMT_SWEEP_ID}}/${{TRAINING_JOB_NA
 exec "$PY" -m nlpmt.runner --stage {stage} --store {store} --name {name}
 """
 
+# %% ../nbs/10a_sweep_sagemaker.ipynb #gr11
 def tuner_ranges(space: list[SweepParam]) -> dict:
     "The space as SageMaker parameter ranges (log ranges scale logarithmically)."
     from sagemaker.core.parameter import CategoricalParameter, ContinuousParameter, IntegerParameter
@@ -45,6 +46,7 @@ def tuner_ranges(space: list[SweepParam]) -> dict:
         else: out[p.name] = ContinuousParameter(float(p.low), float(p.high), scaling_type=scaling)
     return out
 
+# %% ../nbs/10a_sweep_sagemaker.ipynb #gr13
 def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, trials: int, max_parallel: int,
                       sweep_id: str, instance_type=None, spot=None, role=None, boto_session=None) -> str:
     "Create the SageMaker tuning job of a bayes sweep; returns its name."
@@ -59,9 +61,8 @@ def submit_tuning_job(spec, config, space: list[SweepParam], objective: str, tri
     from sagemaker.core.shapes import StoppingCondition
     from nlpmt.runner import METRIC_DEFINITIONS
     check_cloud_job(spec, config)
-    store, p = open_store(spec.store), config.project
-    role, itype = execution_role(config, role), instance_type or p.training_instance_type
-    spot = p.use_spot if spot is None else spot
+    store, p = open_store(spec.store), apply_project_arguments(config.project, {"instance_type": instance_type, "spot": spot})
+    role, itype, spot = execution_role(config, role), p.training_instance_type, p.use_spot
     if spot and p.max_wait_seconds < p.max_run_seconds:
         raise ConfigError("project.max_wait_seconds must be >= project.max_run_seconds for spot training")
     session = sagemaker_session(store, config, boto_session)
@@ -99,6 +100,7 @@ def final_metric(job_name: str, metric: str, client) -> Optional[float]:
         if m.get("MetricName") == metric: return float(m["Value"])
     return None
 
+# %% ../nbs/10a_sweep_sagemaker.ipynb #gr18
 def refresh_tuning_sweep(store: Store, manifest: dict, client) -> dict:
     "Fill a bayes sweep's manifest from its SageMaker tuning job: status, and one trial per training job."
     d = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=manifest["tuning_job"])
@@ -119,6 +121,7 @@ def refresh_tuning_sweep(store: Store, manifest: dict, client) -> dict:
     write_manifest(store, manifest)
     return manifest
 
+# %% ../nbs/10a_sweep_sagemaker.ipynb #gr21
 def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "grid", trials: Optional[int] = None,
                         objective: str = "val_macro_f1", max_parallel: int = 1, store: Optional[str] = None,
                         base_params: Optional[dict] = None, sweep_id: Optional[str] = None, grid_points: int = 3,
@@ -154,8 +157,7 @@ def run_sweep_sagemaker(stage: str, space: list[SweepParam], strategy: str = "gr
         print(f"nlpmt: sweep {sweep_id}: SageMaker tuning job {name} ({trials or 10} trials, {max_parallel} at a time); "
               f"manifest {target.url(manifest_key(sweep_id))}", file=out, flush=True)
         return SweepResult(manifest)
-    planned = grid_trials(space, grid_points) if strategy == "grid" else random_trials(space, trials or 10, seed)
-    if strategy == "grid" and trials: planned = planned[:trials]
+    planned = plan_trials(space, strategy, trials, grid_points, seed)
     done = {t["trial"] for t in manifest["trials"] if t["status"] == "Completed"}
     manifest["trials"] = [t for t in manifest["trials"] if t["trial"] in done]
     queue = [i for i in range(len(planned)) if f"t{i:03d}" not in done]

@@ -2,7 +2,7 @@
 value in its config dataclass (`nlpmt.core`). These tests fail on any drift between those declarations and
 their copies: the stage notebooks' `parameters` cells (names, order, defaults, help comments, layout), the
 YAML files' values, the config's types, the report command's defaults and the command-line flags."""
-import argparse, dataclasses, json, shutil, subprocess, sys, typing
+import argparse, dataclasses, json, re, shutil, subprocess, sys, typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
@@ -108,6 +108,60 @@ def test_yaml_files_repeat_the_dataclass_defaults(section):
 def test_report_command_defaults_are_the_report_settings():
     from nlpmt.report import DEFAULT_N_BOOTSTRAP, DEFAULT_SEED
     assert (ReportSettings().n_bootstrap, ReportSettings().seed) == (DEFAULT_N_BOOTSTRAP, DEFAULT_SEED)
+
+
+def _command(name: str) -> argparse.ArgumentParser:
+    "The parser of `nlpmt NAME` (its module registered, as `main` does)."
+    from nlpmt.cli import build_parser
+    sub = next(a for a in build_parser([name])._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    "`parser` and every subcommand parser below it."
+    yield parser
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for child in dict.fromkeys(a.choices.values()): yield from _parsers(child)
+
+
+def _options(parser: argparse.ArgumentParser, dests) -> dict:
+    "Option string -> (dest, help, default) of the parser's options that fill one of `dests`."
+    return {o: (a.dest, a.help, a.default) for a in parser._actions if a.dest in dests for o in a.option_strings}
+
+
+def test_project_flags_name_project_fields_and_read_the_same_in_every_command():
+    "`nlpmt run`, `pipeline` and `sweep` take every project flag, `report` only --store, each as `PROJECT_FLAGS` declares it."
+    from nlpmt.core import ProjectConfig
+    from nlpmt.settings import PROJECT_FLAGS, add_project_arguments
+    project_fields = {f.name for f in fields(ProjectConfig)}
+    for flag in PROJECT_FLAGS: assert flag.project_fields and set(flag.project_fields) <= project_fields, flag
+    dests = {f.dest for f in PROJECT_FLAGS}
+    declared = argparse.ArgumentParser(); add_project_arguments(declared)
+    expected = _options(declared, dests)
+    assert set(expected) == {f.flag for f in PROJECT_FLAGS} | {"--no-spot"}
+    for command in ("run", "pipeline", "sweep"): assert _options(_command(command), dests) == expected, command
+    assert _options(_command("report"), dests) == {"--store": expected["--store"]}
+
+
+def test_every_project_key_a_help_names_exists():
+    "A `project.KEY` in any command's help (run, sweep, aws, ...) names a `ProjectConfig` field."
+    from nlpmt.cli import PLUGIN_COMMANDS
+    from nlpmt.core import ProjectConfig
+    project_fields, named = {f.name for f in fields(ProjectConfig)}, set()
+    for command in ["ls", "sync", "config", *PLUGIN_COMMANDS]:
+        for parser in _parsers(_command(command)):
+            texts = [parser.description or ""] + [a.help or "" for a in parser._actions]
+            named |= {(command, k) for t in texts for k in re.findall(r"(?<![\w/])project\.(\w+)", t) if k != "yaml"}
+    assert {k for _, k in named} >= {"store", "role_arn", "use_spot", "training_instance_type"}
+    assert [(c, k) for c, k in sorted(named) if k not in project_fields] == []
+
+
+def test_report_flags_are_the_report_settings():
+    args = _command("report").parse_args([])
+    assert settings_from_args(ReportSettings, args) == ReportSettings()
+    args = _command("report").parse_args(["--store", "s3://b/p", "--allow-mixed-data", "--n-bootstrap", "200", "--seed", "3"])
+    assert settings_from_args(ReportSettings, args) == ReportSettings(store="s3://b/p", allow_mixed_data=True, n_bootstrap=200, seed=3)
 
 
 def test_stage_notebook_parameters_are_typed_by_the_dataclass():
