@@ -65,6 +65,7 @@ class DataSettings:
     ag_news_url: Optional[str] = param(None, "base URL for downloading AG News (ag_news://...) when there is no local copy; None = public URL")
     demo_rows: int = param(800, "demo mode: rows in the stratified AG News sample")
 
+# %% ../nbs/00c_settings.ipynb #s008d
 @dataclass
 class BaselineSettings:
     "Parameters of the baseline stage (`nbs/03_baseline.ipynb`, `nlpmt run baseline`)."
@@ -75,6 +76,7 @@ class BaselineSettings:
     demo_rows: int = param(800, "demo mode: rows in the stratified AG News sample")
     class_weight: Optional[Literal[CLASS_WEIGHTS]] = param(None, "none | balanced; None = the config's baseline.class_weight")
 
+# %% ../nbs/00c_settings.ipynb #s008g
 @dataclass
 class TransformerSettings:
     "Parameters of the transformer stage (`nbs/04_transformer.ipynb`, `nlpmt run transformer`, `python -m nlpmt.train`)."
@@ -99,6 +101,7 @@ class TransformerSettings:
     num_threads: int = param(0, "CPU threads used by torch; 0 = every core this process may use")
     config_dir: Optional[str] = param(None, "folder with the YAML configs; None = the project's configs/")
 
+# %% ../nbs/00c_settings.ipynb #s008j
 @dataclass
 class ReportSettings:
     "Parameters of the report stage (`nbs/05_report.ipynb`, `nlpmt run report`)."
@@ -158,6 +161,7 @@ class NotebookParameter:
         "`value` converted to this parameter's type; ValueError when it does not fit."
         return coerce_to(value, self.annotation) if self.annotation is not None else coerce_value(value, self.default)
 
+# %% ../nbs/00c_settings.ipynb #s017d
 def _parameters_cell(nb: dict) -> Optional[str]:
     "Source of the first cell tagged `parameters`, or None."
     for cell in nb.get("cells", []):
@@ -188,6 +192,7 @@ def _cell_assignments(source: str, where: str = "notebook") -> list[tuple[str, A
         out.append((target.id, default, comments.get(node.lineno, "")))
     return out
 
+# %% ../nbs/00c_settings.ipynb #s017g
 def notebook_parameters(notebook: str | Path) -> dict[str, NotebookParameter]:
     "The parameters a notebook declares in its `parameters` cell, in order (typed by the stage's settings, if any)."
     nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
@@ -258,6 +263,7 @@ def coerce_value(value: Any, default: Any) -> Any:
         except ValueError: return value
     return value
 
+# %% ../nbs/00c_settings.ipynb #s021d
 def check_parameters(values: dict, params: dict[str, NotebookParameter], notebook: str | Path = "notebook") -> dict:
     "Values converted to the notebook's parameter types; `ParameterError` listing every problem and the parameters."
     out, problems = {}, []
@@ -342,6 +348,7 @@ def settings_problems(cls) -> list[str]:
         if not fits: out.append(f"{cls.__name__}.{f.name}: default {f.default!r} is not a {type_label(hints[f.name])}")
     return out
 
+# %% ../nbs/00c_settings.ipynb #s029d
 def parameters_cell_problems(notebook: str | Path, cls) -> list[str]:
     "Every way the notebook's `parameters` cell differs from the one `cls` generates; [] when it matches."
     where = Path(notebook).name
@@ -412,6 +419,7 @@ def settings_from_args(cls, args: argparse.Namespace):
     "Settings `cls` from parsed flags: the ones given, the dataclass's defaults for the rest."
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
+# %% ../nbs/00c_settings.ipynb #s036d
 def settings_parameters(cls) -> dict[str, NotebookParameter]:
     "The parameters a settings dataclass declares, as `notebook_parameters` describes a notebook's."
     hints = settings_types(cls)
