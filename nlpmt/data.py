@@ -29,9 +29,9 @@ from .ag_news import (AG_NEWS_KEY, AG_NEWS_LABELS, AG_NEWS_LAYOUT, AG_NEWS_URL, 
 # %% auto #0
 __all__ = ['REASONS', 'PROBLEM_NAMES', 'DROP_WARN_SHARE', 'LENGTH_SAMPLE', 'FIGURE_KEYS', 'read_label_names', 'infer_index_base',
            'label_mapping', 'join_text', 'clean_rows', 'check_fractions', 'split_sizes', 'stratified_split',
-           'plot_class_distribution', 'length_stats', 'plot_text_lengths', 'effective_data_config', 'config_folder',
-           'resolve_inputs', 'problem_message', 'split_csv_bytes', 'data_hash', 'drop_warnings', 'prepare_data',
-           'print_drop_summary', 'synthetic_corpus', 'demo_sample', 'prepare_demo_data']
+           'plot_class_distribution', 'length_stats', 'plot_text_lengths', 'config_folder', 'effective_data_config',
+           'resolve_inputs', 'problem_message', 'split_csv_bytes', 'data_hash', 'drop_warnings', 'print_drop_summary',
+           'prepare_data', 'synthetic_corpus', 'demo_sample', 'prepare_demo_data']
 
 # %% ../nbs/02_data.ipynb #c007
 REASONS = {
@@ -59,6 +59,7 @@ def read_label_names(path: str, store: Optional[Store] = None) -> list[str]:
     if len(set(names)) != len(names): raise DataError(f"{path}: duplicate label names in {names}")
     return names
 
+# %% ../nbs/02_data.ipynb #r38e0e25
 def _natural_sorted(values) -> list[str]:
     "Sorted label values: numerically when all are integers."
     values = list(values)
@@ -82,6 +83,7 @@ def label_mapping(raw_values, label_names: Optional[list[str]], base: Optional[i
         else: mapping[v] = None
     return mapping, list(label_names)
 
+# %% ../nbs/02_data.ipynb #r375d1e4
 def join_text(rows: pd.DataFrame, fields: list[str]) -> tuple[pd.Series, pd.Series]:
     "The joined, stripped text of each row, and whether any text field was present."
     import pyarrow as pa, pyarrow.compute as pc
@@ -93,6 +95,7 @@ def join_text(rows: pd.DataFrame, fields: list[str]) -> tuple[pd.Series, pd.Seri
         text = part if text is None else pc.utf8_trim_whitespace(pc.binary_join_element_wise(text, part, pa.scalar(" ", pa.large_string())))
     return pd.Series(text.to_pandas().array, index=rows.index, dtype="str"), present
 
+# %% ../nbs/02_data.ipynb #r3465f06
 def clean_rows(rows: pd.DataFrame, cfg: DataConfig, label_names: Optional[list[str]]) -> tuple[pd.DataFrame, list[str]]:
     "Add `text` (NUL characters removed) and `label` (name) columns; mark missing/empty text and missing/unknown labels."
     rows = rows.copy()
@@ -130,6 +133,7 @@ def split_sizes(n: int, val_frac: float, test_frac: float) -> tuple[int, int, in
     n_val = max(1, int(np.floor(n * val_frac + 0.5)))
     return n - n_val - n_test, n_val, n_test
 
+# %% ../nbs/02_data.ipynb #r3dd36f0
 def stratified_split(codes: np.ndarray, n_classes: int, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
     "Split index (0 train, 1 val, 2 test) of each row, stratified by class code."
     check_fractions(val_frac, test_frac)
@@ -180,6 +184,7 @@ def plot_class_distribution(report: dict):
     ax_p.set_title("Class share within each split (stratified: equal across splits)")
     return fig
 
+# %% ../nbs/02_data.ipynb #r3f2be49
 def length_stats(words: np.ndarray, codes: np.ndarray, label_names: list[str]) -> dict:
     "Per class (`codes` index `label_names`): mean, median, 95th percentile and max words."
     out = {}
@@ -189,6 +194,7 @@ def length_stats(words: np.ndarray, codes: np.ndarray, label_names: list[str]) -
                                 "p95": float(np.percentile(w, 95)), "max": int(w.max())}
     return out
 
+# %% ../nbs/02_data.ipynb #r3341f7f
 def plot_text_lengths(words: np.ndarray, codes: np.ndarray, label_names: list[str]):
     "Text length (words) per class: overlaid histograms and a box plot."
     from matplotlib.figure import Figure
@@ -219,6 +225,12 @@ def _clean_params(params: dict) -> dict:
     "Keep only parameters that were given (not None: the config's value)."
     return {k: v for k, v in params.items() if v is not None}
 
+# %% ../nbs/02_data.ipynb #r3e436da
+def config_folder(full: Optional[Config], base: Path) -> Path:
+    "The folder of the YAML configs (and of `datasets/` profiles): the loaded config's, else `<base>/configs`."
+    return Path(full.config_dir) if full is not None else Path(base)/"configs"
+
+# %% ../nbs/02_data.ipynb #r3540e6a
 def effective_data_config(config=None, **params) -> tuple[DataConfig, Path, Optional[Config]]:
     "The validated data config (with `params` overriding fields), the folder relative paths start from, the full config."
     full = None
@@ -238,10 +250,7 @@ def effective_data_config(config=None, **params) -> tuple[DataConfig, Path, Opti
     if info["profile"]: cfg = dataclasses.replace(cfg, dataset=info["profile"])  # applying it again changes nothing
     return cfg, base, full
 
-def config_folder(full: Optional[Config], base: Path) -> Path:
-    "The folder of the YAML configs (and of `datasets/` profiles): the loaded config's, else `<base>/configs`."
-    return Path(full.config_dir) if full is not None else Path(base)/"configs"
-
+# %% ../nbs/02_data.ipynb #r3988730
 def resolve_inputs(cfg: DataConfig, base: Path, store: Store, ag_news_url: Optional[str] = None,
                    progress: bool = True, download: bool = True) -> DataConfig:
     "Make raw/label paths absolute, fetch AG News for `ag_news://SPLIT`, and apply the AG News layout where it fits."
@@ -272,6 +281,7 @@ def problem_message(row, reason: str, source: str, records: pd.DataFrame, cfg: D
     else: what = PROBLEM_NAMES[reason] + (f": {detail}" if detail else "")
     return f"{source}: {where(records, int(row['line']))}: {what}"
 
+# %% ../nbs/02_data.ipynb #r389d450
 def _first_problem_error(rows: pd.DataFrame, source: str, records: pd.DataFrame, cfg: DataConfig, labels: list[str]) -> DataError:
     "A DataError for the first row with a problem (and how many more there are)."
     bad = rows[rows.problem.notna()]
@@ -288,6 +298,7 @@ def split_csv_bytes(df: pd.DataFrame) -> bytes:
     pacsv.write_csv(table, buf, pacsv.WriteOptions(quoting_style="needed"))
     return buf.getvalue()
 
+# %% ../nbs/02_data.ipynb #r348ed99
 def data_hash(split_shas: dict[str, str]) -> str:
     "The data hash: SHA-256 of 'train:<sha>\\nval:<sha>\\ntest:<sha>'."
     return sha256_bytes("\n".join(f"{s}:{split_shas[s]}" for s in SPLITS).encode())
@@ -313,6 +324,15 @@ def drop_warnings(dropped: dict, rows_read: int, known: list[str], kept_counts: 
     if im.get("flagged"): out.append(f"classes are imbalanced: {clip(im['largest'])} has {im['ratio']:g}x the rows of "
                                      f"{clip(im['smallest'])} (flagged at {IMBALANCE_FLAG:g}x); consider class_weight: balanced")
     return out
+
+# %% ../nbs/02_data.ipynb #r3449d6e
+def print_drop_summary(report: dict, out=None, err=None) -> None:
+    "Print what was dropped by reason (when anything was) and every warning of a data report, loudly."
+    dropped = {k: v for k, v in report["dropped"].items() if v}
+    if dropped:
+        print(f"nlpmt data: kept {report['rows_kept']:,} of {report['rows_read']:,} rows; dropped: "
+              + ", ".join(f"{k} {v:,}" for k, v in dropped.items()), file=out or sys.stdout)
+    for w in report.get("warnings", []): print(f"nlpmt data: WARNING: {w}", file=err or sys.stderr)
 
 # %% ../nbs/02_data.ipynb #c042
 def _bad_rows_note(bad: dict) -> str:
@@ -343,6 +363,7 @@ def _drop_class_rows(kept: pd.DataFrame, labels: list[str], cfg: DataConfig, sou
     drop = kept.label.isin(small).to_numpy()
     return kept[~drop], keep_labels, int(drop.sum())
 
+# %% ../nbs/02_data.ipynb #r318b828
 def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url: Optional[str] = None,
                  progress: bool = True, **params) -> dict:
     "Run the data stage: raw file -> validated, deduplicated, stratified splits + report + figures in `store`."
@@ -448,14 +469,6 @@ def prepare_data(config=None, store: "Store | str | None" = None, *, ag_news_url
     print_drop_summary(report)
     return report
 
-def print_drop_summary(report: dict, out=None, err=None) -> None:
-    "Print what was dropped by reason (when anything was) and every warning of a data report, loudly."
-    dropped = {k: v for k, v in report["dropped"].items() if v}
-    if dropped:
-        print(f"nlpmt data: kept {report['rows_kept']:,} of {report['rows_read']:,} rows; dropped: "
-              + ", ".join(f"{k} {v:,}" for k, v in dropped.items()), file=out or sys.stdout)
-    for w in report.get("warnings", []): print(f"nlpmt data: WARNING: {w}", file=err or sys.stderr)
-
 # %% ../nbs/02_data.ipynb #c046
 _SYNTH_VOCAB = {
     "World": ["minister", "election", "border", "embassy", "treaty", "protest", "parliament", "refugees", "summit"],
@@ -476,6 +489,7 @@ def synthetic_corpus(rows: int = 800, seed: int = 0) -> pd.DataFrame:
         out.append({"text": " ".join(words).capitalize() + f" ({i})", "label": label})
     return pd.DataFrame(out)
 
+# %% ../nbs/02_data.ipynb #r3681b43
 def demo_sample(config: Optional[Config], rows: int, seed: int, store: Store) -> tuple[Optional[pd.DataFrame], list]:
     "A stratified sample (text,label) of the configured raw data and its label order; (None, []) if unreadable."
     if config is None: return None, []
@@ -494,6 +508,7 @@ def demo_sample(config: Optional[Config], rows: int, seed: int, store: Store) ->
     sample = pd.concat(parts).sort_index().reset_index(drop=True)
     return sample, [l for l in labels if l in set(sample.label)]
 
+# %% ../nbs/02_data.ipynb #r3fbe9bb
 def prepare_demo_data(store: "Store | str | None" = None, rows: int = 800, seed: int = 0,
                       config: Optional[Config] = None, progress: bool = False) -> dict:
     "Seed `store` (default: a new temporary one) with a small stratified AG News sample run through the real stage."
