@@ -38,6 +38,7 @@ def classifier_class(kind: str):
     try: return classifier_spec(kind).estimator_class()
     except ValueError as e: raise ConfigError(str(e)) from None
 
+# %% ../nbs/03_baseline.ipynb #r3d6d397
 def make_classifier(kind: str, params: dict, seed: int, where: str = "models_baseline.yaml",
                     class_weight: str = "none"):
     "A seeded, unfitted classifier: registry defaults, then `class_weight`, then `params`; unknown parameters name `where`."
@@ -54,6 +55,7 @@ def make_classifier(kind: str, params: dict, seed: int, where: str = "models_bas
     seed_param = {"random_state": seed} if spec.seeded else {}
     return cls(**{**spec.defaults, **seed_param, **weight_params(spec, class_weight), **params})
 
+# %% ../nbs/03_baseline.ipynb #r3af00bc
 def fit_classifier(clf, x, y, class_weight: str = "none"):
     "Fit a classifier made by `make_classifier`, passing per-example weights where its kind takes them that way."
     return clf.fit(x, y, **fit_weights(spec_of(clf), class_weight, y))
@@ -67,6 +69,7 @@ def make_vectorizer(tfidf: dict, where: str = "models_baseline.yaml"):
     if unknown: raise ConfigError(f"{where}: unknown TfidfVectorizer parameter {unknown[0]!r}")
     return TfidfVectorizer(**{k: tuple(v) if isinstance(v, list) else v for k, v in tfidf.items()})
 
+# %% ../nbs/03_baseline.ipynb #r39e44b5
 def grid_candidates(params: dict, search: dict) -> list[dict]:
     "Every combination of the `search` grid on top of `params`, in grid order (the base params if no grid)."
     keys = list(search)
@@ -74,6 +77,7 @@ def grid_candidates(params: dict, search: dict) -> list[dict]:
         if not isinstance(search[k], list) or not search[k]: raise ConfigError(f"search.{k}: expected a non-empty list")
     return [{**params, **dict(zip(keys, combo))} for combo in itertools.product(*(search[k] for k in keys))]
 
+# %% ../nbs/03_baseline.ipynb #r3332ffe
 def model_search(model_cfg: BaselineModelConfig) -> dict:
     "The model's validation grid: its config's `search`, or the registry's grid for its classifier when unset."
     return classifier_spec(model_cfg.classifier).search if model_cfg.search is None else model_cfg.search
@@ -100,6 +104,7 @@ class SplitReader:
         "Allow the (single) read of the test split."
         self.log.append("unseal test"); self.sealed = False
 
+# %% ../nbs/03_baseline.ipynb #r3d09308
 def encode_labels(df: pd.DataFrame, labels: Sequence[str], where: str) -> np.ndarray:
     "Label indices of a split's `label` column; unknown labels and empty splits raise errors naming `where` and the row."
     if len(df) == 0: raise ValueError(f"{where}: the split is empty")
@@ -115,6 +120,7 @@ def split_candidate(params: dict) -> tuple[dict, dict]:
     tfidf = {k[len(TFIDF_PREFIX):]: v for k, v in params.items() if k.startswith(TFIDF_PREFIX)}
     return tfidf, {k: v for k, v in params.items() if not k.startswith(TFIDF_PREFIX)}
 
+# %% ../nbs/03_baseline.ipynb #r3ab9cfd
 @dataclass
 class Selection:
     "The outcome of a validation-only search: the chosen, fitted pipeline and every candidate's scores."
@@ -184,6 +190,7 @@ def _from_json_params(params: dict) -> dict:
     return {k: np.dtype(v["dtype"]).type if isinstance(v, dict) and set(v) == {"dtype"} else
                tuple(v) if k == "ngram_range" else v for k, v in params.items()}
 
+# %% ../nbs/03_baseline.ipynb #r327523e
 def fitted_arrays(vec, clf) -> dict[str, np.ndarray]:
     "The arrays a saved model keeps: the IDF weights and the classifier's registry-listed fitted attributes."
     spec = spec_of(clf)
@@ -226,6 +233,7 @@ def _verified_marker(folder: Path) -> dict:
             raise ValueError(f"{folder/name}: SHA-256 differs from {MODEL_MARKER}; the file is corrupt or was changed")
     return marker
 
+# %% ../nbs/03_baseline.ipynb #r34395af
 def load_pipeline(folder: str | Path):
     "Rebuild the fitted pipeline saved by `save_pipeline`, verifying file hashes (no pickle involved)."
     from sklearn.pipeline import Pipeline
@@ -257,6 +265,7 @@ def check_texts(texts) -> list[str]:
         if not t.strip(): raise ValueError(f"text {i + 1}: the text is empty")
     return texts
 
+# %% ../nbs/03_baseline.ipynb #r3bbcf03
 class BaselinePredictor:
     "A loaded TF-IDF + linear model: `labels`, `score_kind`, and `predict(texts) -> [(label, score)]`."
     def __init__(self, pipeline, labels: Sequence[str], meta: Optional[dict] = None):
@@ -277,6 +286,7 @@ class BaselinePredictor:
         return [(self.labels[int(i)], float(s[i])) for i, s in zip(best, scores)]
     def __repr__(self): return f"BaselinePredictor({self.meta.get('model', '?')!r}, labels={self.labels})"
 
+# %% ../nbs/03_baseline.ipynb #r3f69723
 def load_predictor(folder: str | Path) -> BaselinePredictor:
     "Load a saved baseline model folder (`models/final/{model}/` downloaded or local) for prediction."
     pipeline, marker = load_pipeline(folder)
@@ -302,16 +312,7 @@ def save_model(store: Store, name: str, pipeline, labels: Sequence[str], meta: d
         for f in ("pipeline.json", "arrays.npz", MODEL_MARKER): store.upload_file(Path(tmp)/f, f"{prefix}/{f}")
     return prefix
 
-# %% ../nbs/03_baseline.ipynb #c021e
-@dataclass
-class BaselineRun:
-    "What one baseline run produced: metrics records, the summary table, figures and the keys written."
-    records: dict
-    summary: pd.DataFrame
-    figures: dict
-    keys: list
-    log: list
-
+# %% ../nbs/03_baseline.ipynb #r332f87c
 def _summary(store: Store, records: dict, data_hash: str) -> pd.DataFrame:
     "Rows of this run's records plus earlier baseline records in `store` on the same data."
     rows = {name: summary_row(rec) for name, rec in records.items()}
@@ -322,6 +323,16 @@ def _summary(store: Store, records: dict, data_hash: str) -> pd.DataFrame:
         if rec["data"]["data_hash"] != data_hash: print(f"not in the summary (other data): {key}"); continue
         rows[rec["model"]] = summary_row(rec)
     return pd.DataFrame(list(rows.values())).sort_values("test_macro_f1", ascending=False, ignore_index=True)
+
+# %% ../nbs/03_baseline.ipynb #r375d108
+@dataclass
+class BaselineRun:
+    "What one baseline run produced: metrics records, the summary table, figures and the keys written."
+    records: dict
+    summary: pd.DataFrame
+    figures: dict
+    keys: list
+    log: list
 
 def run_baseline(store: Store, config: Config, models=None, log: Optional[list] = None,
                  progress: bool = True) -> BaselineRun:
