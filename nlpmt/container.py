@@ -91,6 +91,7 @@ def namespace_argv(scratch: Path, root: Path, argv: list[str]) -> list[str]:
     return ["unshare", "--pid", "--fork", "--mount", "--mount-proc", "--kill-child", "/bin/sh", "-c", NAMESPACE_SETUP,
             "sh", str(scratch), str(root), *argv]
 
+# %% ../nbs/06b_container.ipynb #r33e8cec
 _ISOLATION: dict = {}
 
 def isolation_mode() -> str:
@@ -113,6 +114,7 @@ def rewrite_opt_ml(text: str, root: Path) -> str:
     "`text` with every `/opt/ml` path pointing into `root` instead."
     return re.sub(r"/opt/ml(?=/|\b|$)", str(root).replace("\\", "/"), text)
 
+# %% ../nbs/06b_container.ipynb #r336c293
 def apply_rewrite(root: Path, argv: list[str], env: dict) -> tuple[list[str], dict]:
     "The path-rewrite fallback: driver scripts, argv and environment pointed at `root`; `NLPMT_OPT_ML` set."
     for path in (Path(root)/"input"/"data"/"sm_drivers").rglob("*"):
@@ -162,6 +164,7 @@ def first_process(proc: subprocess.Popen, mode: str, timeout: float = 10.0) -> O
         time.sleep(0.02)
     return None
 
+# %% ../nbs/06b_container.ipynb #r34de123
 def _signal(pid: Optional[int], sig) -> None:
     "Send `sig` to `pid`, ignoring a process that is already gone."
     if pid:
@@ -417,6 +420,7 @@ class ContainerBackend(Backend):
     def wait(self, job: SubmittedJob) -> JobResult: return self._ended(job)[1]
     def stop(self, job: SubmittedJob) -> JobStatus: return self._ended(job)[0]
 
+# %% ../nbs/06b_container.ipynb #r3be6950
 def run_container(spec, config, out=None, interruption: Optional[Interruption] = None, role: Optional[str] = None,
                   instance_type: Optional[str] = None, spot: Optional[bool] = None, credentials: Optional[dict] = None,
                   boto_session=None, keep: bool = False, grace_seconds: float = GRACE_SECONDS, prefix: str = "") -> JobResult:
