@@ -37,6 +37,7 @@ def run_lock_path(folder: str | Path) -> Path:
     digest = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:20]
     return Path(tempfile.gettempdir())/RUN_LOCK_DIR/f"{digest}.lock"
 
+# %% ../nbs/04a_model_integrity.ipynb #r3e6061e
 class RunInProgress(RuntimeError):
     "Another process is training the same run (same checkpoint folder) right now."
 
@@ -46,6 +47,7 @@ def _lock_holder(path: Path) -> str:
     except (OSError, ValueError): return "an unknown process"
     return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
 
+# %% ../nbs/04a_model_integrity.ipynb #r372161b
 @contextlib.contextmanager
 def run_lock(folder: str | Path, run: str) -> Iterator[Path]:
     "Hold the exclusive lock of a run's checkpoint folder for the block; `RunInProgress` if another process holds it."
@@ -101,6 +103,7 @@ def verify_model_files(folder: str | Path, marker: dict) -> dict[str, str]:
         raise ModelIntegrityError(f"{where}: the manifest lists no config.json or no weights ({', '.join(WEIGHT_FILES)})")
     return files
 
+# %% ../nbs/04a_model_integrity.ipynb #r317194e
 def seal_model_folder(folder: str | Path) -> dict[str, str]:
     "Write the file manifest of `folder` into its `nlpmt_model.json` (atomically); returns the manifest."
     folder = Path(folder)
