@@ -131,6 +131,7 @@ class ThroughputCallback(TrainerCallback):
 class TrainingInterrupted(RuntimeError):
     "Training stopped on a signal after writing a checkpoint; rerunning the same job resumes from it."
 
+# %% ../nbs/04f_checkpoints.ipynb #r3ff69ba
 class SpotCheckpointCallback(TrainerCallback):
     "Checkpoints every `save_steps` steps and at epoch ends, marks complete ones, mirrors them, stops cleanly on SIGTERM."
     def __init__(self, run: str, save_steps: int, steps_per_epoch: int, meter: TrainingMeter,
