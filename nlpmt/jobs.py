@@ -42,6 +42,7 @@ def _pipeline_params(params: dict, stages: list[str]) -> dict[str, dict]:
         for s in users: out[s][name] = value
     return out
 
+# %% ../nbs/06_jobs.ipynb #r3a963ae
 def pipeline_stages(out=None) -> list[str]:
     "The pipeline's stages that have notebooks (the report is optional)."
     stages = []
@@ -80,6 +81,12 @@ def run_pipeline(store: Optional[str] = None, backend: str | Backend = "local", 
         pipeline_step_done(s, plans[s], batch, upstream)
     return results
 
+# %% ../nbs/06_jobs.ipynb #r37b7a8b
+def _dataset_override(value: str) -> str:
+    "`--dataset NAME|FILE` as the override `data.dataset=...`."
+    from nlpmt.datasets import dataset_override
+    return dataset_override(value)
+
 # %% ../nbs/06_jobs.ipynb #e52c0ed6
 def _add_backend_options(p) -> None:
     "Options shared by `run` and `pipeline`."
@@ -101,16 +108,12 @@ def _add_backend_options(p) -> None:
     add_container_options(p)
     add_config_options(p)
 
-def _dataset_override(value: str) -> str:
-    "`--dataset NAME|FILE` as the override `data.dataset=...`."
-    from nlpmt.datasets import dataset_override
-    return dataset_override(value)
-
 # %% ../nbs/06_jobs.ipynb #6ab4e57a
 def _exit_code(results: list) -> int:
     "0 when every job completed, else 1."
     return 0 if results and all(r.status == "Completed" for r in results) else 1
 
+# %% ../nbs/06_jobs.ipynb #r32c5a86
 def cmd_run(args) -> int:
     "Run one stage (one job per model) on the chosen backend."
     from nlpmt.cli import config_from_args
@@ -154,6 +157,7 @@ def _client(args):
     from nlpmt.cli import config_from_args
     return sagemaker_client(region=config_from_args(args).project.region)
 
+# %% ../nbs/06_jobs.ipynb #r31970d0
 def cmd_jobs_list(args) -> int:
     "List recent SageMaker jobs of this project."
     from nlpmt.cli import config_from_args
@@ -164,6 +168,7 @@ def cmd_jobs_list(args) -> int:
     print(format_table(rows, ["name", "kind", "status", "created"]))
     return 0
 
+# %% ../nbs/06_jobs.ipynb #r3d6ed05
 def cmd_jobs_status(args) -> int:
     "Show one job: status, failure reason, time, cost, spot savings."
     st = describe_job(args.name, _client(args))
@@ -177,6 +182,7 @@ def cmd_jobs_status(args) -> int:
     print("\n".join(lines))
     return 0 if st.status != "Failed" else 1
 
+# %% ../nbs/06_jobs.ipynb #r3e237fd
 def cmd_jobs_logs(args) -> int:
     "Print a job's CloudWatch logs; with --follow keep printing until it ends."
     from nlpmt.cli import config_from_args
@@ -193,6 +199,7 @@ def cmd_jobs_logs(args) -> int:
     if not printed and not args.follow: print(f"no log events yet for {args.name} in {LOG_GROUPS[st.kind]}", file=sys.stderr)
     return 0
 
+# %% ../nbs/06_jobs.ipynb #r316a320
 def cmd_jobs_stop(args) -> int:
     "Stop a running job."
     st = stop_job(args.name, _client(args))
