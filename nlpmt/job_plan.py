@@ -22,13 +22,14 @@ from .aws import JOB_NAME_HEAD, JOB_CHECKPOINT_PREFIX, job_name_prefix
 __all__ = ['TRAINING_STAGES', 'MODEL_PARAMETERS', 'job_base_name', 'with_timestamp', 'job_name', 'JobSpec', 'resolve_store_uri',
            'model_parameter', 'plan_jobs', 'as_string', 'param_args', 'config_env', 'checkpoint_prefix']
 
-# %% ../nbs/06c_job_plan.ipynb #c006
-_issued_tokens: set[str] = set()
-_token_lock = threading.Lock()
-
+# %% ../nbs/06c_job_plan.ipynb #r348a8ac
 def _name_part(text: str) -> str:
     "Lower-case `[a-z0-9-]` form of a model or stage name."
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", str(text).lower())).strip("-") or "job"
+
+# %% ../nbs/06c_job_plan.ipynb #r3daa7a3
+_issued_tokens: set[str] = set()
+_token_lock = threading.Lock()
 
 def job_base_name(project: str, what: str) -> str:
     "`{project}-{what}-{token}`, short enough that `-YYYYmmddHHMMSS` still fits in 63 characters."
@@ -39,10 +40,12 @@ def job_base_name(project: str, what: str) -> str:
     head = f"{job_name_prefix(project)}-{_name_part(what)}"[:JOB_NAME_HEAD].rstrip("-")
     return f"{head}-{token}"
 
+# %% ../nbs/06c_job_plan.ipynb #r3975815
 def with_timestamp(base: str, when: Optional[float] = None) -> str:
     "`base` plus `-YYYYmmddHHMMSS` (UTC; now by default), as the SDK names Training jobs."
     return f"{base}-{time.strftime('%Y%m%d%H%M%S', time.gmtime(when))}"
 
+# %% ../nbs/06c_job_plan.ipynb #r35e2a1b
 def job_name(project: str, what: str, when: Optional[float] = None) -> str:
     "A unique job name `{project}-{what}-{token}-{YYYYmmddHHMMSS}`."
     return with_timestamp(job_base_name(project, what), when)
@@ -79,6 +82,7 @@ def model_parameter(spec: dict) -> Optional[str]:
     "The notebook's model parameter (`model_name`, `model` or `models`), if it has one."
     return next((n for n in MODEL_PARAMETERS if n in spec), None)
 
+# %% ../nbs/06c_job_plan.ipynb #r34c3f4d
 def plan_jobs(stage: str, params: Optional[dict] = None, store: Optional[str] = None, config=None,
               models: Optional[list] = None, run_id: Optional[str] = None, kind: Optional[str] = None,
               overrides: Iterable[str] = (), config_dir: Optional[str] = None) -> list[JobSpec]:
@@ -127,6 +131,7 @@ def param_args(params: dict) -> list[str]:
     "`-p NAME VALUE` arguments for the runner."
     return [a for k, v in params.items() for a in ("-p", k, as_string(v))]
 
+# %% ../nbs/06c_job_plan.ipynb #r3697758
 def config_env(overrides: Iterable[str]) -> dict[str, str]:
     "Config overrides (`section.key=value`) as the `NLPMT_SECTION__KEY` variables that `load_config` reads."
     out = {}
