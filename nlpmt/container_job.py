@@ -79,12 +79,14 @@ def host_path(root: Path, container_path: str) -> Path:
         raise ValueError(f"container path {container_path!r} is not below {OPT_ML}")
     return Path(root)/os.path.relpath(p, OPT_ML)
 
+# %% ../nbs/06i_container_job.ipynb #r3f95b34
 def _split_s3(uri: str) -> tuple[str, str]:
     "(bucket, key or prefix) of an s3:// URI."
     if not uri.startswith("s3://"): raise ValueError(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri[5:].partition("/")
     return bucket, key
 
+# %% ../nbs/06i_container_job.ipynb #r3cfecbb
 def download_s3(s3, uri: str, dest: Path) -> list[Path]:
     "Download every object below `uri` (an S3 prefix, as SageMaker's S3Prefix) into `dest`; returns the files."
     bucket, prefix = _split_s3(uri)
@@ -143,6 +145,7 @@ def _resource_config(job: ContainerJob) -> dict:
             "hosts": ["algo-1"], "network_interface_name": "eth0",
             "instance_groups": [{"instance_group_name": "homogeneousCluster", "instance_type": itype, "hosts": ["algo-1"]}]}
 
+# %% ../nbs/06i_container_job.ipynb #r3b69abc
 def layout_opt_ml(job: ContainerJob, root: Path, s3, restore_checkpoints: bool = True) -> Path:
     "Create the `/opt/ml` tree of `job` in `root`: configuration files, downloaded inputs, restored checkpoints."
     root = Path(root)
