@@ -56,6 +56,7 @@ def _leaf(sub, name, func, help, description=None):
     p = sub.add_parser(name, help=help, description=description or help)
     add_config_options(p); p.set_defaults(func=func); return p
 
+# %% ../nbs/07_aws.ipynb #r3f7504a
 def _config(args):
     "The effective config for parsed arguments."
     from nlpmt.cli import config_from_args
@@ -73,6 +74,7 @@ def cmd_policy(args) -> int:
     _print_json(docs if args.part == "all" else docs[args.part])
     return 0
 
+# %% ../nbs/07_aws.ipynb #r37d6690
 def cmd_check_policy(args) -> int:
     "Check a policy file for over-broad statements; exit 1 if any."
     problems = check_policy(read_policy_file(args.file), args.bucket, args.prefix, args.allow_delete)
@@ -91,6 +93,7 @@ def cmd_cost_estimate(args) -> int:
     print(f"prices: {asset_path('instance_prices.csv')}")
     return 0
 
+# %% ../nbs/07_aws.ipynb #r31667cc
 def cmd_cost_prices(args) -> int:
     "Print the price table."
     print(f"{'instance type':<16} {'on demand':>10} {'spot':>9}  GPUs  (USD/hour; {asset_path('instance_prices.csv')})")
@@ -126,6 +129,7 @@ def cmd_ec2_launch(args) -> int:
     print(f"next: nlpmt aws ec2 connect {r['instance_id']}")
     return 0
 
+# %% ../nbs/07_aws.ipynb #r3198358
 def cmd_ec2_list(args) -> int:
     "List this project's instances."
     rows = list_instances(_config(args), args.all)
@@ -137,6 +141,7 @@ def cmd_ec2_list(args) -> int:
               f"{price:>9}  {r['launched']}  {r['host']}")
     return 0
 
+# %% ../nbs/07_aws.ipynb #r33b234e
 def cmd_ec2_connect(args) -> int:
     "Print how to reach JupyterLab on an instance."
     info = connect_info(_config(args), args.instance_id, args.key, args.local_port)
@@ -147,6 +152,7 @@ def cmd_ec2_connect(args) -> int:
     print(f"setup log:\n   {info['log']}")
     return 0
 
+# %% ../nbs/07_aws.ipynb #r3c6444a
 def cmd_ec2_terminate(args) -> int:
     "Terminate one of this project's instances."
     state = terminate_instance(_config(args), args.instance_id)
@@ -228,6 +234,7 @@ def _register_aws(subparsers) -> None:
     p.add_argument("--forecast-pct", type=float, default=100.0, help="alert when forecast spend passes this %%")
     add_shared_options(p, "--json")
 
+# %% ../nbs/07_aws.ipynb #r3660b32
 def _register_cost(subparsers) -> None:
     "The `nlpmt cost` commands."
     cost = subparsers.add_parser("cost", help="estimate what a job costs", description="Instance prices and cost estimates.")
@@ -240,6 +247,7 @@ def _register_cost(subparsers) -> None:
     add_shared_options(p, "--json"); p.set_defaults(func=cmd_cost_estimate)
     csub.add_parser("prices", help="print the price table").set_defaults(func=cmd_cost_prices)
 
+# %% ../nbs/07_aws.ipynb #r308ed55
 def _register_doctor(subparsers) -> None:
     "The `nlpmt doctor` command."
     from nlpmt.cli import add_config_options
@@ -249,6 +257,7 @@ def _register_doctor(subparsers) -> None:
     p.add_argument("--local", help="local store folder (default: the configured local store)")
     add_shared_options(p, "--json"); add_config_options(p); p.set_defaults(func=cmd_doctor)
 
+# %% ../nbs/07_aws.ipynb #r39781e9
 def register_cli(subparsers) -> None:
     "Add the `aws`, `cost` and `doctor` commands (those not already registered) to the nlpmt CLI."
     for name, register in (("aws", _register_aws), ("cost", _register_cost), ("doctor", _register_doctor)):
