@@ -30,7 +30,7 @@ def cell_source(cell) -> str:
     source = cell.get("source", "")
     return "".join(source) if isinstance(source, list) else source
 
-# %% ../nbs/06d_notebook_job.ipynb #r3cb33bd
+# %% ../nbs/06j_notebook_job.ipynb #r3cb33bd
 def cell_directives(source: str) -> set[str]:
     "Names of the `#|` directives on the first lines of a cell: `#| export` and `#| job: true` give export and job."
     names = set()
@@ -50,7 +50,7 @@ def runs_in_job(cell) -> bool:
     if any(tag in cell.get("metadata", {}).get("tags", []) for tag in JOB_TAGS): return True
     return bool(cell_directives(cell_source(cell)) & {JOB_DIRECTIVE, *EXPORT_DIRECTIVES})
 
-# %% ../nbs/06d_notebook_job.ipynb #r36c7d41
+# %% ../nbs/06j_notebook_job.ipynb #r36c7d41
 def job_note(ran: int, skipped: int):
     "The markdown cell that opens an executed stage notebook: what ran, what was skipped and why."
     import nbformat
@@ -59,7 +59,7 @@ def job_note(ran: int, skipped: int):
         f"and the cells marked `#| job`. The other {skipped} (the notebook's examples and tests, which `nbdev-test` "
         f"runs, and nbdev's setup cells) were skipped: they are tagged `{SKIP_TAG}` and have no output.")
 
-# %% ../nbs/06d_notebook_job.ipynb #r38d75e7
+# %% ../nbs/06j_notebook_job.ipynb #r38d75e7
 def select_job_cells(nb) -> int:
     "Tag the code cells a job does not run `skip-execution` and open the notebook with a note; how many were tagged."
     if not is_job_notebook(nb): return 0                 # no `#| job` cell: the notebook runs whole, as it always did
@@ -81,13 +81,13 @@ class _CellMarkers(logging.Filter):
         record.msg, record.args = self.labels[int(m.group(1))], ()
         return True
 
-# %% ../nbs/06d_notebook_job.ipynb #r3edd7fd
+# %% ../nbs/06j_notebook_job.ipynb #r3edd7fd
 def _code_cell_labels(nb) -> dict[int, str]:
     "1-based cell number -> 'code cell K/M' for the code cells a person wrote (not papermill's injected cell) that run."
     code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
     return {i + 1: f"code cell {k}/{len(code)}" for k, i in enumerate(code, 1) if SKIP_TAG not in nb.cells[i].metadata.get("tags", [])}
 
-# %% ../nbs/06d_notebook_job.ipynb #r304117a
+# %% ../nbs/06j_notebook_job.ipynb #r304117a
 def _log_cell_markers(stream, labels: dict) -> None:
     "Route papermill's cell markers to `stream` (one handler, updated per notebook)."
     log = logging.getLogger("papermill")
@@ -107,7 +107,7 @@ def _first_line(source: str, width: int = 70) -> str:
         if line and not line.startswith("#|"): return line if len(line) <= width else line[:width - 3] + "..."
     return ""
 
-# %% ../nbs/06d_notebook_job.ipynb #r34f585f
+# %% ../nbs/06j_notebook_job.ipynb #r34f585f
 def describe_cell(nb, index: int) -> str:
     "How a failure message names a cell: its position among code cells, its id and its first line."
     cells = nb["cells"] if isinstance(nb, dict) else nb.cells
@@ -117,7 +117,7 @@ def describe_cell(nb, index: int) -> str:
     cid = f", id {cell.get('id')}" if cell.get("id") else ""
     return f"{pos}{cid}: `{_first_line(cell.get('source', ''))}`"
 
-# %% ../nbs/06d_notebook_job.ipynb #r309488d
+# %% ../nbs/06j_notebook_job.ipynb #r309488d
 def _last_started_cell(nb) -> Optional[int]:
     "Index of the last cell papermill started (the one running when the kernel died)."
     last = None
@@ -131,7 +131,7 @@ def _failed_cell(nb) -> Optional[int]:
         if cell.get("metadata", {}).get("papermill", {}).get("exception") and cell.cell_type == "code": return i
     return _last_started_cell(nb)
 
-# %% ../nbs/06d_notebook_job.ipynb #r3845c7f
+# %% ../nbs/06j_notebook_job.ipynb #r3845c7f
 def run_failure(saved, error: Exception, terminated: bool) -> tuple[str, str]:
     "Status and failure message of a run that raised (`Stopped` if the job was told to stop, else `Failed`), naming the cell."
     from papermill.exceptions import PapermillExecutionError
@@ -150,7 +150,7 @@ def _skip_slow_imports() -> None:
     "Keep jsonschema (imported by nbformat) from building an RFC 3987 grammar we never use: ~2 s per job here."
     if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)
 
-# %% ../nbs/06d_notebook_job.ipynb #r3bea898
+# %% ../nbs/06j_notebook_job.ipynb #r3bea898
 SAVE_EVERY = 3.0   # seconds between saves of the executed notebook while it runs (it is always saved at the end)
 
 def _papermill_engine() -> str:
@@ -231,7 +231,7 @@ class NotebookResult:
     seconds: float = 0.0
     output_path: Optional[Path] = None
 
-# %% ../nbs/06d_notebook_job.ipynb #r37c4574
+# %% ../nbs/06j_notebook_job.ipynb #r37c4574
 class NotebookJob(NotebookKernel):
     "Run one notebook with papermill (only its job's cells, when it marks them), keeping the kernel reachable for SIGTERM."
     def __init__(self, notebook: Path, output_path: Path, parameters: dict, cwd: Optional[Path] = None,
