@@ -23,13 +23,13 @@ from .storage import (DATA_REPORT_KEY, SPLITS, Store, StoreError, open_store,
 from .formats import DataError, RawInput, check_format_name, clip, is_store_key, parse_records, read_raw, where
 from .datasets import IMBALANCE_FLAG, apply_profile, imbalance, resolve_layout
 from .dedup import check_leakage, find_duplicates, normalise_texts, string_codes, word_counts
+from .data_figures import FIGURE_KEYS, LENGTH_SAMPLE, length_stats, plot_class_distribution, plot_text_lengths
 from .ag_news import (AG_NEWS_KEY, AG_NEWS_LABELS, AG_NEWS_LAYOUT, AG_NEWS_URL, _exists, _sibling, ag_news_layout,
                            ag_news_local_dir, ag_news_source, download_ag_news)
 
 # %% auto #0
-__all__ = ['REASONS', 'PROBLEM_NAMES', 'DROP_WARN_SHARE', 'LENGTH_SAMPLE', 'FIGURE_KEYS', 'read_label_names', 'infer_index_base',
-           'label_mapping', 'join_text', 'clean_rows', 'check_fractions', 'split_sizes', 'stratified_split',
-           'plot_class_distribution', 'length_stats', 'plot_text_lengths', 'config_folder', 'effective_data_config',
+__all__ = ['REASONS', 'PROBLEM_NAMES', 'DROP_WARN_SHARE', 'read_label_names', 'infer_index_base', 'label_mapping', 'join_text',
+           'clean_rows', 'check_fractions', 'split_sizes', 'stratified_split', 'config_folder', 'effective_data_config',
            'resolve_inputs', 'problem_message', 'split_csv_bytes', 'data_hash', 'drop_warnings', 'print_drop_summary',
            'prepare_data', 'synthetic_corpus', 'demo_sample', 'prepare_demo_data']
 
@@ -147,73 +147,6 @@ def stratified_split(codes: np.ndarray, n_classes: int, val_frac: float, test_fr
     rank[order] = np.arange(len(codes)) - starts[codes[order]]
     n_test, n_val = sizes[codes, 2], sizes[codes, 1]
     return np.where(rank < n_test, 2, np.where(rank < n_test + n_val, 1, 0)).astype(np.int8)
-
-# %% ../nbs/02_data.ipynb #c032
-LENGTH_SAMPLE = 200_000  # text-length statistics and figure use at most this many rows (a seeded sample)
-FIGURE_KEYS = {"class_distribution": "figures/data/class_distribution.png",
-               "text_length": "figures/data/text_length_by_class.png"}
-
-def plot_class_distribution(report: dict):
-    "Rows per class in each split (left) and each class's share of its split (right), from a data report."
-    from matplotlib.figure import Figure
-    labels, K = report["labels"], len(report["labels"])
-    fig = Figure(figsize=(max(10, 2.2 * K + 4), 4.2))
-    ax_n, ax_p = fig.subplots(1, 2)
-    width, x = 0.8 / len(SPLITS), np.arange(K)
-    for i, split in enumerate(SPLITS):
-        info = report["splits"][split]
-        counts = np.array([info["class_counts"].get(l, 0) for l in labels])
-        share = 100 * counts / max(1, counts.sum())
-        bars = ax_n.bar(x + (i - 1) * width, counts, width, label=f"{split} ({info['rows']:,} rows)")
-        ax_n.bar_label(bars, labels=[f"{c:,}" for c in counts], fontsize=7, padding=1)
-        bars = ax_p.bar(x + (i - 1) * width, share, width, label=split)
-        ax_p.bar_label(bars, labels=[f"{p:.0f}" for p in share], fontsize=7, padding=1)
-    for ax in (ax_n, ax_p):
-        ax.set_xticks(x, labels, rotation=30 if K > 5 else 0, ha="right" if K > 5 else "center")
-        ax.spines[["top", "right"]].set_visible(False)
-    ax_n.set_ylabel("rows"); ax_n.legend(fontsize=8)
-    ax_n.set_title(f"Rows per class and split ({report['rows_kept']:,} rows, {K} classes)")
-    im = report.get("imbalance") or {}
-    if im.get("ratio"):  # the imbalance ratio, red when flagged, and the smallest class's tick label marked
-        ax_n.text(0.99, 0.98, f"imbalance ratio {im['ratio']:g}" + (" (imbalanced)" if im["flagged"] else ""),
-                  transform=ax_n.transAxes, ha="right", va="top", fontsize=9, color="tab:red" if im["flagged"] else "dimgrey")
-        if im["flagged"]:
-            for tick in ax_n.get_xticklabels():
-                if tick.get_text() == im["smallest"]: tick.set_color("tab:red")
-    ax_p.set_ylabel("% of the split"); ax_p.axhline(100 / K, color="grey", lw=0.8, ls="--")
-    ax_p.set_title("Class share within each split (stratified: equal across splits)")
-    return fig
-
-# %% ../nbs/02_data.ipynb #r3f2be49
-def length_stats(words: np.ndarray, codes: np.ndarray, label_names: list[str]) -> dict:
-    "Per class (`codes` index `label_names`): mean, median, 95th percentile and max words."
-    out = {}
-    for c, name in enumerate(label_names):
-        w = words[codes == c]
-        if len(w): out[name] = {"mean": round(float(w.mean()), 1), "p50": float(np.percentile(w, 50)),
-                                "p95": float(np.percentile(w, 95)), "max": int(w.max())}
-    return out
-
-# %% ../nbs/02_data.ipynb #r3341f7f
-def plot_text_lengths(words: np.ndarray, codes: np.ndarray, label_names: list[str]):
-    "Text length (words) per class: overlaid histograms and a box plot."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, max(3.5, 0.45 * len(label_names) + 1.5)))
-    ax_hist, ax_box = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    hi = max(1, int(np.percentile(words, 99))) if len(words) else 1
-    step = max(1, int(np.ceil(hi / 50)))
-    bins = np.arange(0, hi + step + 1, step) - 0.5  # whole-word bins: no aliasing of integer counts
-    per_class = [words[codes == c] for c in range(len(label_names))]
-    for name, w in zip(label_names, per_class):
-        ax_hist.hist(np.minimum(w, hi), bins=bins, histtype="step", linewidth=1.5, density=True,
-                     label=f"{name} (median {np.median(w):.0f})")
-    ax_hist.set_xlabel("words per text (clipped at the 99th percentile)"); ax_hist.set_ylabel("density")
-    ax_hist.legend(fontsize=8); ax_hist.set_title("Text length distribution per class")
-    ax_box.boxplot(per_class, orientation="horizontal", showfliers=False)
-    ax_box.set_yticks(range(1, len(label_names) + 1), label_names); ax_box.invert_yaxis()
-    ax_box.set_xlabel("words per text (box: quartiles, whiskers: 1.5 IQR)")
-    for a in (ax_hist, ax_box): a.spines[["top", "right"]].set_visible(False)
-    return fig
 
 # %% ../nbs/02_data.ipynb #c036
 def _resolve(path: Optional[str], base: Path) -> Optional[str]:
