@@ -165,13 +165,13 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
         if progress and rank == 0: trainer.add_callback(EpochProgressCallback)
         gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else f" ({threads} thread{'s' * (threads > 1)})"
         procs = f" x {world} processes (DDP)" if world > 1 else ""
-        if rank == 0:
-            print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params, world):,} steps on {device}{gpu}"
-                  f"{procs}, {precision}; run {run}, checkpoints in {place.folder}" +
-                  (f"; resuming from {resume.name}" if resume else ""), flush=True)
 
         t0 = time.perf_counter()
         with stop_on_signals(spot), quiet_transformers():
+            if rank == 0:   # handler first: a supervisor may send SIGTERM as soon as it reads this line
+                print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params, world):,} steps on {device}{gpu}"
+                      f"{procs}, {precision}; run {run}, checkpoints in {place.folder}" +
+                      (f"; resuming from {resume.name}" if resume else ""), flush=True)
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if (spot.stopping if world > 1 else spot.stop_signal):
             raise TrainingInterrupted(f"training of {short} stopped by {spot.stop_signal} at step {trainer.state.global_step}; "
