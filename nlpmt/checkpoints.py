@@ -19,13 +19,13 @@ from .storage import Store, LocalStore, sync
 if TYPE_CHECKING: from nlpmt.transformer import TrainParams
 
 # %% auto #0
-__all__ = ['SAGEMAKER_CHECKPOINT_DIR', 'CHECKPOINT_MARKER', 'run_id', 'CheckpointPlace', 'checkpoint_place', 'checkpoint_folders',
-           'is_complete_checkpoint', 'prepare_resume', 'TrainingMeter', 'ThroughputCallback', 'TrainingInterrupted',
-           'SpotCheckpointCallback', 'stop_on_signals']
+__all__ = ['SAGEMAKER_CHECKPOINT_DIR', 'CHECKPOINT_MARKER', 'checkpoint_run_name', 'CheckpointPlace', 'checkpoint_place',
+           'checkpoint_folders', 'is_complete_checkpoint', 'prepare_resume', 'TrainingMeter', 'ThroughputCallback',
+           'TrainingInterrupted', 'SpotCheckpointCallback', 'stop_on_signals']
 
 # %% ../nbs/04f_checkpoints.ipynb #k006
-def run_id(params: TrainParams, data_hash: str) -> str:
-    "The run's name: model short name plus a hash of the parameters and data (the same job gets the same name)."
+def checkpoint_run_name(params: TrainParams, data_hash: str) -> str:
+    "Checkpoint folder name of a training run: model short name + hash of parameters and data (same job, same name)."
     blob = json.dumps({"params": asdict(params), "data_hash": data_hash}, sort_keys=True)
     return f"{model_short_name(params.model_name)}-{sha256_bytes(blob.encode())[:10]}"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from typing import Literal
+from .registry import Registry
 
 # %% auto #0
 __all__ = ['CLASSIFIERS', 'CLASS_WEIGHTS', 'ClassifierSpec', 'register', 'classifier_spec', 'spec_of', 'weight_params',
@@ -36,17 +37,15 @@ class ClassifierSpec:
         return getattr(importlib.import_module(module), cls)
 
 # %% ../nbs/00a_classifiers.ipynb #k008
-CLASSIFIERS: dict[str, ClassifierSpec] = {}
+CLASSIFIERS: Registry[ClassifierSpec] = Registry(
+    "classifier", unknown=lambda name, names: f"classifier {name!r} is not one of {names}")
 
 def register(spec: ClassifierSpec) -> ClassifierSpec:
     "Add a classifier kind to the registry (its name must be new)."
-    if spec.name in CLASSIFIERS: raise ValueError(f"classifier {spec.name!r} is already registered")
-    CLASSIFIERS[spec.name] = spec
-    return spec
+    return CLASSIFIERS.register(spec)
 
 def classifier_spec(name: str) -> ClassifierSpec:
     "The registered spec of a classifier kind; an unknown name is a `ValueError` listing the known ones."
-    if name not in CLASSIFIERS: raise ValueError(f"classifier {name!r} is not one of {list(CLASSIFIERS)}")
     return CLASSIFIERS[name]
 
 def spec_of(estimator) -> ClassifierSpec:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 from .core import ConfigError, DataConfig
+from .registry import Registry
 from .storage import S3Store, Store, StoreError, parse_s3_uri
 
 # %% auto #0
@@ -188,17 +189,16 @@ class RawFormat:
     locate: Callable                      # (records frame, n) -> "line n", "item n", ...
     description: str = ""
 
-FORMATS: dict[str, RawFormat] = {}
+FORMATS: Registry[RawFormat] = Registry("raw format")
 
-def register_format(fmt: RawFormat) -> RawFormat:
-    "Add `fmt` to the registry (by name)."
-    FORMATS[fmt.name] = fmt
-    return fmt
+def register_format(fmt: RawFormat, replace: bool = False) -> RawFormat:
+    "Add `fmt` to the registry (by name; a taken name is refused unless `replace`)."
+    return FORMATS.register(fmt, replace)
 
 # %% ../nbs/02a_formats.ipynb #fr58
 def format_names() -> list[str]:
     "Values `raw_format` accepts: auto and every registered format."
-    return ["auto", *FORMATS]
+    return ["auto", *FORMATS.names()]
 
 def check_format_name(raw_format: Optional[str]) -> None:
     "A ConfigError unless `raw_format` is unset, 'auto' or a registered format."

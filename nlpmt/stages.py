@@ -11,6 +11,7 @@ Docs: https://nlpmt.github.io/nlpmt/stages.html.md"""
 from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
+from .registry import Registry
 
 # %% auto #0
 __all__ = ['JobKind', 'STAGES', 'StageSpec', 'register', 'stage_spec', 'stage_names', 'training_stages', 'metric_stages',
@@ -48,19 +49,17 @@ class StageSpec:
         return self.model_module is not None
 
 # %% ../nbs/00b_stages.ipynb #e3657ed9
-STAGES: dict[str, StageSpec] = {}
+STAGES: Registry[StageSpec] = Registry("stage")
 
 def register(spec: StageSpec) -> StageSpec:
     "Add a stage to the registry (a new name, its upstream stages registered before it)."
-    if spec.name in STAGES: raise ValueError(f"stage {spec.name!r} is already registered")
     missing = [u for u in spec.upstream if u not in STAGES]
-    if missing: raise ValueError(f"stage {spec.name!r} reads {missing[0]!r}, which is not registered before it")
-    STAGES[spec.name] = spec
-    return spec
+    if missing and spec.name not in STAGES:            # (a taken name is refused first, by the registry)
+        raise ValueError(f"stage {spec.name!r} reads {missing[0]!r}, which is not registered before it")
+    return STAGES.register(spec)
 
 def stage_spec(name: str) -> StageSpec:
     "The registered spec of a stage; an unknown name is a `ValueError` listing the known ones."
-    if name not in STAGES: raise ValueError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}")
     return STAGES[name]
 
 # %% ../nbs/00b_stages.ipynb #bcb14db1
@@ -79,7 +78,7 @@ register(StageSpec("report", "05_report.ipynb", "leaderboard, significance tests
 # %% ../nbs/00b_stages.ipynb #f27d0342
 def stage_names() -> tuple[str, ...]:
     "Every stage, in pipeline order."
-    return tuple(STAGES)
+    return STAGES.names()
 
 def training_stages() -> tuple[str, ...]:
     "The stages that run as SageMaker Training jobs (and may span GPUs or instances)."

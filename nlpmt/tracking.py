@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 # %% auto #0
-__all__ = ['configured_tracking_uri', 'resolve_tracking_uri', 'JobTracker', 'log_epoch_metrics', 'job_records', 'final_metrics',
-           'notebook_figures', 'start_job_run', 'finish_job_run']
+__all__ = ['FILE_STORE_OPT_IN', 'configured_tracking_uri', 'holds_file_store', 'resolve_tracking_uri', 'local_artifact_location',
+           'JobTracker', 'log_epoch_metrics', 'job_records', 'final_metrics', 'notebook_figures', 'start_job_run',
+           'finish_job_run']
 
 # %% ../nbs/12_tracking.ipynb #t005
 def configured_tracking_uri(env: Optional[dict] = None) -> Optional[str]:
@@ -29,12 +30,36 @@ def configured_tracking_uri(env: Optional[dict] = None) -> Optional[str]:
     return uri or None
 
 # %% ../nbs/12_tracking.ipynb #tr07
-def resolve_tracking_uri(uri: str) -> str:
-    "A local folder made absolute (`file://`), anything with a scheme or an ARN unchanged."
-    if "://" in uri or uri.startswith("arn:"): return uri
+FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"     # MLflow 3 opens its folder store only with this set to true
+
+def _project_path(path: str) -> Path:
+    "A local path made absolute; a relative one is relative to the project root, not the current folder."
     from nlpmt.core import project_root
-    path = Path(uri) if os.path.isabs(uri) else project_root()/uri
-    return path.resolve().as_uri()
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else project_root()/p).resolve()
+
+def holds_file_store(folder) -> bool:
+    "Whether `folder` already holds an MLflow file store (experiment folders `0/`, `1/`, ... with a `meta.yaml`)."
+    try: return any(d.name.isdigit() and (d/"meta.yaml").is_file() for d in Path(folder).iterdir())
+    except OSError: return False
+
+def resolve_tracking_uri(uri: str) -> str:
+    "The MLflow tracking URI that `project.tracking_uri` stands for (see the table above)."
+    if uri.startswith("sqlite:///"):
+        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        if not path or path == ":memory:" or os.path.isabs(path): return uri
+        return f"sqlite:///{_project_path(path)}{sep}{query}"
+    if "://" in uri or uri.startswith(("arn:", "file:")) or uri == "databricks": return uri
+    path = _project_path(uri)
+    if path.suffix == ".db": return f"sqlite:///{path}"
+    if holds_file_store(path): return path.as_uri()
+    return f"sqlite:///{path/'mlflow.db'}"
+
+def local_artifact_location(tracking_uri: str) -> Optional[str]:
+    "Where a new experiment in a local SQLite store keeps its artifacts: `mlartifacts/` next to the database."
+    if not tracking_uri.startswith("sqlite:///"): return None
+    path = tracking_uri[len("sqlite:///"):].partition("?")[0]
+    return (Path(path).parent/"mlartifacts").as_uri() if os.path.isabs(path) else None
 
 # %% ../nbs/12_tracking.ipynb #t008
 def _clean_param(v) -> str:
@@ -56,20 +81,29 @@ class JobTracker:
     "The MLflow run of one job (no-op when tracking is off or MLflow cannot be reached)."
     def __init__(self, uri: Optional[str], experiment: str, out=None):
         self.uri, self.experiment, self.out = uri, experiment, out or sys.stderr
-        self.client, self.run_id, self.started = None, None, time.time()
+        self.client, self.run_id, self.started, self.resolved = None, None, time.time(), None
 
     def warn(self, what: str, e: Exception) -> None:
         "Say what tracking could not do (the job goes on)."
         print(f"nlpmt-runner: MLflow tracking: could not {what}: {type(e).__name__}: {e}", file=self.out, flush=True)
 
+    def warn_off(self, e: Exception) -> None:
+        "Say loudly that this job is not tracked: the configured URI, the store it meant, and why."
+        where = self.uri + (f" (= {self.resolved})" if self.resolved and self.resolved != self.uri else "")
+        print(f"nlpmt-runner: WARNING: MLflow tracking is OFF for this job: no run could be started at tracking URI "
+              f"{where}: {type(e).__name__}: {e}", file=self.out, flush=True)
+
     def start(self, run_name: str, tags: dict, params: dict) -> Optional[str]:
         "Create the MLflow run; returns its id (None when tracking is off or failed)."
         if not self.uri: return None
         try:
+            self.resolved = resolve_tracking_uri(self.uri)
+            if self.resolved.startswith("file:"): os.environ.setdefault(FILE_STORE_OPT_IN, "true")   # the kernel inherits it
             from mlflow.tracking import MlflowClient
-            self.client = MlflowClient(tracking_uri=resolve_tracking_uri(self.uri))
+            self.client = MlflowClient(tracking_uri=self.resolved)
             exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                self.experiment, artifact_location=local_artifact_location(self.resolved))
             run = self.client.create_run(exp_id, run_name=run_name,
                                          tags={k: str(v) for k, v in tags.items() if v not in (None, "")})
             self.run_id = run.info.run_id
@@ -78,7 +112,7 @@ class JobTracker:
             for i in range(0, len(items), 90): self.client.log_batch(self.run_id, params=items[i:i + 90])
             return self.run_id
         except Exception as e:
-            self.warn("start a run", e); self.client = self.run_id = None; return None
+            self.warn_off(e); self.client = self.run_id = None; return None
 
     def finish(self, status: str, metrics: dict, artifacts: dict) -> None:
         "Log final metrics (those not logged per epoch) and artifacts (name in the run -> file), then end the run."
@@ -186,7 +220,7 @@ def start_job_run(stage: str, name: str, run_id: str, params: dict, store_uri: s
             "nlpmt.data_hash": data_hash}
     rid = tracker.start(job_name or f"{run_id}-{name}", tags, params)
     if rid:
-        os.environ["NLPMT_MLFLOW_RUN_ID"], os.environ["NLPMT_MLFLOW_URI"] = rid, resolve_tracking_uri(uri)
+        os.environ["NLPMT_MLFLOW_RUN_ID"], os.environ["NLPMT_MLFLOW_URI"] = rid, tracker.resolved
     return tracker if rid else None
 
 def finish_job_run(tracker: Optional[JobTracker], status: str, stage: str, store, since: str,

@@ -31,7 +31,7 @@ from .devices import (
     visible_gpu_count, plan_parallel_runs, device_env, distributed_state, cpu_group, broadcast_from_rank0)
 from .training_data import load_splits, subsample_train, EncodedTexts, EpochLengthSampler
 from .checkpoints import (
-    CHECKPOINT_MARKER, SAGEMAKER_CHECKPOINT_DIR, TrainingInterrupted, run_id, CheckpointPlace, checkpoint_place,
+    CHECKPOINT_MARKER, SAGEMAKER_CHECKPOINT_DIR, TrainingInterrupted, checkpoint_run_name, CheckpointPlace, checkpoint_place,
     checkpoint_folders, is_complete_checkpoint, prepare_resume, TrainingMeter, ThroughputCallback,
     SpotCheckpointCallback, stop_on_signals)
 from .training_loop import (
@@ -130,7 +130,7 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
     labels, splits = list(report["labels"]), load_splits(store, report)
     train_df = subsample_train(splits["train"], params.max_train_rows, params.seed)
     label_id = {name: i for i, name in enumerate(labels)}
-    short, run = model_short_name(params.model_name), run_name or run_id(params, report["data_hash"])
+    short, run = model_short_name(params.model_name), run_name or checkpoint_run_name(params, report["data_hash"])
     place = checkpoint_place(store, run, checkpoint_dir)
     with (run_lock(place.folder, run) if rank == 0 else contextlib.nullcontext()):   # process 0 holds the run; a second job is refused
         resume = broadcast_from_rank0(prepare_resume(place) if rank == 0 else None, group)   # process 0 tidies, all agree
@@ -168,13 +168,13 @@ def train_transformer(store, params: Optional[TrainParams] = None, config: Optio
         if progress and rank == 0: trainer.add_callback(EpochProgressCallback)
         gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else f" ({threads} thread{'s' * (threads > 1)})"
         procs = f" x {world} processes (DDP)" if world > 1 else ""
-        if rank == 0:
-            print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params, world):,} steps on {device}{gpu}"
-                  f"{procs}, {precision}; run {run}, checkpoints in {place.folder}" +
-                  (f"; resuming from {resume.name}" if resume else ""), flush=True)
 
         t0 = time.perf_counter()
         with stop_on_signals(spot), quiet_transformers():
+            if rank == 0:   # handler first: a supervisor may send SIGTERM as soon as it reads this line
+                print(f"{short}: {len(train_df):,} training rows, {total_steps(len(train_df), params, world):,} steps on {device}{gpu}"
+                      f"{procs}, {precision}; run {run}, checkpoints in {place.folder}" +
+                      (f"; resuming from {resume.name}" if resume else ""), flush=True)
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if (spot.stopping if world > 1 else spot.stop_signal):
             raise TrainingInterrupted(f"training of {short} stopped by {spot.stop_signal} at step {trainer.state.global_step}; "

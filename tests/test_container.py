@@ -73,10 +73,11 @@ def test_spot_interruption_checkpoints_at_sigterm_and_attempt_2_matches_an_unint
     params = dict(TINY, model_name=str(tiny_model))
     spec = plan_jobs("transformer", params, store=uri, config=config)[0]
     out = io.StringIO()
-    # the interruption comes at the first epoch's metric line, when the stage's SIGTERM handler is surely installed
-    # (its "N training rows" line comes just before it is: a SIGTERM in between ends the kernel before any step), so
-    # it lands at whatever step is running then: periodic saves are off (save_steps 1000)
-    res = run_container(spec, config, out=out, interruption=Interruption(on_line=r"nlpmt-metric epoch=1\.0000", grace_seconds=60))
+    # the interruption comes the moment the stage prints its start line ("N training rows ..."), the earliest a
+    # supervisor can tell training began: train_transformer prints it only after its SIGTERM handler is installed, so
+    # the stop lands before or at the first optimizer steps, mid-epoch: periodic saves are off (save_steps 1000)
+    start_line = rf"^tiny-bert: {report['splits']['train']['rows']} training rows"
+    res = run_container(spec, config, out=out, interruption=Interruption(on_line=start_line, grace_seconds=60))
     log = out.getvalue()
     assert res.status == "Completed", log[-4000:]
     attempts = re.findall(r"attempt (\d) ended: exit code (\d+)(?: \((\w[\w-]*)\))?", log)

@@ -121,14 +121,44 @@ def test_sigkill_on_nlpmt_run_stops_the_orphaned_job(tmp_path):
     finally: cli.close()
 
 
+def sighup_ignored(pid: int) -> bool:
+    "Whether process `pid` ignores SIGHUP (its `SigIgn` mask)."
+    mask = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("SigIgn:")).split()[1]
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def with_sighup(disposition: str, args: list) -> list:
+    """`args` exec'd with SIGHUP at its default action ("default": a terminal session) or ignored ("ignore": `nohup`),
+    whatever this test process has: an ignored SIGHUP is inherited (pytest under nohup or a CI runner that ignores
+    it), and `nlpmt` then rightly keeps ignoring it, so the test must not depend on how pytest was started."""
+    action = "SIG_DFL" if disposition == "default" else "SIG_IGN"
+    reset = f"import os, signal, sys; signal.signal(signal.SIGHUP, signal.{action}); os.execv(sys.argv[1], sys.argv[1:])"
+    return [sys.executable, "-c", reset, *args]
+
+
 def test_sighup_closing_the_terminal_stops_the_job(tmp_path):
     store = tmp_path/"store"
-    cli = Cli(tmp_path, [NLPMT, "run", SLEEP, "--store", str(store)])
+    cli = Cli(tmp_path, with_sighup("default", [NLPMT, "run", SLEEP, "--store", str(store)]))
     try:
         cli.wait_for("training started")
+        assert not sighup_ignored(cli.proc.pid)                       # a terminal session's command
         cli.proc.send_signal(signal.SIGHUP)
         assert cli.proc.wait(90) == 129, cli.text()
         assert_stopped_cleanly(cli, store, "sleep", "SIGHUP")
+    finally: cli.close()
+
+
+def test_under_nohup_sighup_stays_ignored_and_the_job_runs_to_its_end(tmp_path):
+    "`nohup nlpmt run ...`: closing the terminal must not stop the job (install_stop_handlers keeps an ignored SIGHUP)."
+    store = tmp_path/"store"
+    cli = Cli(tmp_path, with_sighup("ignore", [NLPMT, "run", SLEEP, "--store", str(store), "-p", "seconds", "3"]))
+    try:
+        cli.wait_for("training started")
+        assert sighup_ignored(cli.proc.pid)
+        cli.proc.send_signal(signal.SIGHUP)
+        assert cli.proc.wait(120) == 0, cli.text()
+        assert "training finished" in cli.text() and "SIGTERM sent" not in cli.text()
+        assert json.loads((only_run(store)/"sleep.json").read_text())["status"] == "Completed"
     finally: cli.close()
 
 

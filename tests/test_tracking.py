@@ -107,3 +107,59 @@ def test_a_sagemaker_mlflow_arn_is_handled_by_the_sagemaker_mlflow_plugin_and_of
     assert start_job_run("quad", "quad", "r1", {}, str(tmp_path), None) is None
     monkeypatch.setenv("NLPMT_PROJECT__TRACKING_URI", arn)
     assert configured_tracking_uri() == arn
+
+
+# ---------------------------------------------------------------- a local folder as project.tracking_uri
+
+NLPMT = str(Path(sys.executable).parent/"nlpmt")
+
+
+def run_tracked_job(tmp_path: Path, tracking_uri: str, **env) -> subprocess.CompletedProcess:
+    """`nlpmt run` of the quad notebook with `project.tracking_uri` set, in a clean environment (no MLflow opt-in);
+    its output (stdout and stderr together) in `.stdout`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "NLPMT_MLFLOW_"))}
+    clean.update({"NLPMT_PROJECT__TRACKING_URI": tracking_uri, "NLPMT_MLFLOW_EXPERIMENT": "local-folder", **env})
+    return subprocess.run([NLPMT, "run", QUAD, "--store", str(tmp_path/"store")], env=clean, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, timeout=300)
+
+
+def test_a_local_folder_tracks_a_real_job_into_sqlite_there_that_mlflow_reads_back(tmp_path, monkeypatch):
+    "MLflow 3 refuses a new folder store without MLFLOW_ALLOW_FILE_STORE: a folder becomes `{folder}/mlflow.db`."
+    from mlflow.tracking import MlflowClient
+    from nlpmt.tracking import resolve_tracking_uri
+    folder = tmp_path/"mlruns"
+    res = run_tracked_job(tmp_path, str(folder))
+    assert res.returncode == 0 and "stage quad completed" in res.stdout and "MLflow tracking" not in res.stdout, res.stdout[-3000:]
+    assert (folder/"mlflow.db").is_file() and (folder/"mlartifacts").is_dir()
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = resolve_tracking_uri(str(folder))
+    assert uri == f"sqlite:///{folder.resolve()}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("local-folder").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["nlpmt.stage"] == "quad"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")] == [1, 2]   # from the kernel
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(0.95)
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "notebook")}
+    assert arts == {"notebook/quad.ipynb"} and run.info.artifact_uri.startswith((folder/"mlartifacts").resolve().as_uri())
+
+
+def test_a_folder_that_already_holds_a_file_store_keeps_it_and_a_store_that_fails_warns_loudly(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    folder = tmp_path/"old-mlruns"
+    subprocess.run([sys.executable, "-c", f"from mlflow.tracking import MlflowClient; "
+                    f"MlflowClient({folder.as_uri()!r}).create_experiment('before')"],
+                   env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}, check=True, timeout=120)
+    res = run_tracked_job(tmp_path, str(folder))
+    assert res.returncode == 0 and "stage quad completed" in res.stdout and "MLflow tracking" not in res.stdout, res.stdout[-3000:]
+    assert not (folder/"mlflow.db").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")                  # reading a file store needs it in MLflow 3
+    client = MlflowClient(tracking_uri=folder.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("local-folder").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")] == [1, 2]
+    assert client.get_experiment_by_name("before") is not None              # the runs already there are still there
+
+    not_a_folder = tmp_path/"file"; not_a_folder.write_text("")
+    res = run_tracked_job(tmp_path, str(not_a_folder))
+    assert res.returncode == 0 and "stage quad completed" in res.stdout, res.stdout[-3000:]   # tracking never fails a job
+    assert (f"WARNING: MLflow tracking is OFF for this job: no run could be started at tracking URI {not_a_folder} "
+            f"(= sqlite:///{not_a_folder.resolve()}/mlflow.db): ") in res.stdout, res.stdout[-3000:]

@@ -15,7 +15,7 @@ from nlpmt.transformer import (CHECKPOINT_MARKER, SUMMARY_KEY, CheckpointPlace, 
                                PatienceCallback,
                                SpotCheckpointCallback, TrainingMeter, checkpoint_folders, checkpoint_place,
                                choose_precision, device_env, is_complete_checkpoint, load_predictor, load_splits,
-                               make_tiny_bert, plan_parallel_runs, prepare_resume, resolve_model_path, run_id,
+                               make_tiny_bert, plan_parallel_runs, prepare_resume, resolve_model_path, checkpoint_run_name,
                                separable_texts, train_params, train_transformer, write_transformer_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def resumable(tiny_model, config, tmp_path_factory):
     shutil.copytree(data, ref_store.root, dirs_exist_ok=True)
     ref = train_transformer(ref_store, train_params(config, **params), config,
                             checkpoint_dir=str(tmp_path_factory.mktemp("ref-ckpt")), num_threads=1, progress=False)
-    run = run_id(train_params(config, **params), report["data_hash"])
+    run = checkpoint_run_name(train_params(config, **params), report["data_hash"])
     return params, data, run, ref_store, ref.record
 
 
@@ -307,7 +307,7 @@ def test_params_fall_back_to_config_and_are_validated(config):
                        (dict(max_train_rows=-3), "max_train_rows"), (dict(precision="fp8"), "precision"),
                        (dict(batchsize=3), "batchsize")]:
         with pytest.raises(ConfigError, match=f"transformer.{field}"): train_params(config, **bad)
-    assert run_id(p, "h1") != run_id(p, "h2") and run_id(p, "h1").startswith("all-minilm-l6-v2-")
+    assert checkpoint_run_name(p, "h1") != checkpoint_run_name(p, "h2") and checkpoint_run_name(p, "h1").startswith("all-minilm-l6-v2-")
 
 
 def test_bad_label_in_a_split_names_file_and_row(tmp_path):
