@@ -17,11 +17,12 @@ __all__ = ['PROJECT_FLAGS', 'ParameterError', 'param', 'field_help', 'DataSettin
            'add_project_arguments', 'project_arguments', 'apply_project_arguments']
 
 # %% ../nbs/00c_settings.ipynb #s004
-import argparse, ast, importlib, io, json, math, re, tokenize, types, typing
+import argparse, ast, dataclasses, importlib, io, json, math, re, tokenize, types, typing
 from dataclasses import dataclass, field, fields, MISSING
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
 from .classifiers import CLASS_WEIGHTS
+from .core import ProjectConfig
 from .stages import STAGES
 
 # %% ../nbs/00c_settings.ipynb #s006
@@ -446,9 +447,6 @@ def show_parameters_in_help(parser: argparse.ArgumentParser, stage: Optional[str
     parser.formatter_class = _KeepLines
 
 # %% ../nbs/00c_settings.ipynb #s039
-import dataclasses
-from .core import ProjectConfig
-
 @dataclass(frozen=True)
 class ProjectFlag:
     "A command-line flag that overrides, for one command, `project.<field>` of `configs/project.yaml`."
